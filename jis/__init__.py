@@ -1,0 +1,35 @@
+"""jis: importance sampling for JAX/Flax training loops.
+
+Score a uniform presample cheaply, train on a batch resampled towards
+informative examples, and reweight so the gradient stays unbiased
+(Katharopoulos & Fleuret 2018), all inside one jitted step.
+"""
+
+from jis._conditions import always
+from jis._conditions import Condition
+from jis._conditions import never
+from jis._conditions import total_variation
+from jis._conditions import warmup
+from jis._conditions import when_total_variation
+from jis._conditions import when_variance_reduced
+from jis._losses import logit_grad_norm
+from jis._losses import Loss
+from jis._policies import importance_sampling
+from jis._policies import importance_weights
+from jis._policies import Policy
+from jis._policies import sample_categorical
+from jis._policies import Selection
+from jis._policies import uniform
+from jis._scores import Score
+from jis._step import importance_step
+from jis._step import ImportanceState
+from jis._step import ImportanceStep
+from jis._step import LOGITS_KEY
+from jis._transforms import adaptive_smoothing
+from jis._transforms import additive_smoothing
+from jis._transforms import power_smoothing
+from jis._transforms import ScoreTransform
+from jis._variance import tau_threshold
+from jis._variance import variance_reduction
+
+__version__ = "0.1.0"

@@ -1,0 +1,131 @@
+"""Importance scores: how informative each presampled example is."""
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from jis import _losses
+
+Array = jax.Array
+ScoreFn = Callable[[Optional[Array], Any, Any], Array]
+
+
+class Score(NamedTuple):
+  """An importance score.
+
+  Attributes:
+    name: how the score is referred to in errors and docs.
+    fn: ``(logits [B, ...] or None, labels, batch) -> [B]`` non-negative scores.
+    needs_logits: whether ``fn`` reads the logits (a forward pass); a score
+      that does not (``"uniform"``) lets jis skip the forward pass entirely.
+    needs_labels: whether ``fn`` reads the labels.
+    per_parameter: the score is the exact per-example parameter-gradient norm;
+      ``fn`` is unused and the step differentiates ``logits_fn`` instead.
+  """
+  name: str
+  fn: Optional[ScoreFn]
+  needs_logits: bool = True
+  needs_labels: bool = True
+  per_parameter: bool = False
+
+
+def upper_bound(loss: _losses.Loss) -> Score:
+  """``‖∂loss/∂logits‖₂`` per example (Katharopoulos & Fleuret 2018)."""
+  return Score("upper_bound",
+               lambda logits, labels, batch: loss.grad_norm(logits, labels))
+
+
+def loss_score(loss: _losses.Loss) -> Score:
+  """The per-example loss (Loshchilov & Hutter 2015; the 2017 biased paper)."""
+  return Score("loss",
+               lambda logits, labels, batch: loss.per_example(logits, labels))
+
+
+def reducible_loss(loss: _losses.Loss, key: str = "irreducible_loss") -> Score:
+  """RHO-LOSS (Mindermann et al. 2022): loss minus ``batch[key]``.
+
+  ``batch[key]`` holds, per example, the loss of a model trained on held-out
+  data (precomputed once). Negative differences are clipped to zero, since a
+  sampling score cannot be negative.
+  """
+  def fn(logits, labels, batch):
+    if not isinstance(batch, dict) or key not in batch:
+      raise ValueError(
+          f"score='reducible_loss' reads the irreducible loss from batch[{key!r}]"
+          " but the batch has no such key. Precompute it with a model trained "
+          "on held-out data and add it to every batch.")
+    irreducible = jnp.asarray(batch[key], jnp.float32)
+    if irreducible.shape != logits.shape[:1]:
+      raise ValueError(
+          f"batch[{key!r}] must hold one value per example, shape "
+          f"{logits.shape[:1]}; got {irreducible.shape}.")
+    return jnp.maximum(loss.per_example(logits, labels) - irreducible, 0.0)
+  return Score("reducible_loss", fn)
+
+
+def uniform_score() -> Score:
+  """All ones: no forward pass, τ = 1, plain uniform training."""
+  return Score("uniform",
+               lambda logits, labels, batch: jnp.ones(
+                   jax.tree.leaves(batch)[0].shape[:1], jnp.float32),
+               needs_logits=False, needs_labels=False)
+
+
+def gradient_norm() -> Score:
+  """The exact per-example norm of the full parameter gradient (costly)."""
+  return Score("gradient_norm", None, per_parameter=True)
+
+
+SCORES = ("upper_bound", "loss", "gradient_norm", "reducible_loss", "uniform")
+
+
+def resolve_score(score: Union[str, Score, ScoreFn],
+                  loss: _losses.Loss) -> Score:
+  """Returns the :class:`Score` named by ``score``."""
+  if isinstance(score, Score):
+    return score
+  if isinstance(score, str):
+    makers = {
+        "upper_bound": lambda: upper_bound(loss),
+        "loss": lambda: loss_score(loss),
+        "gradient_norm": gradient_norm,
+        "reducible_loss": lambda: reducible_loss(loss),
+        "uniform": uniform_score,
+    }
+    if score not in makers:
+      raise ValueError(
+          f"Unknown score={score!r}. Use one of {list(SCORES)} or a callable "
+          "score(logits, labels, batch) -> [B].")
+    return makers[score]()
+  if callable(score):
+    return Score(getattr(score, "__name__", "custom"), score)
+  raise TypeError(
+      f"score must be a name ({list(SCORES)}) or a callable "
+      f"score(logits, labels, batch) -> [B]; got {type(score).__name__}.")
+
+
+def per_parameter_grad_norm(logits_fn, loss: _losses.Loss, labels_fn,
+                            state, batch) -> Array:
+  """``‖∇_θ ℓ(f(xᵢ; θ), yᵢ)‖₂`` for every example, by a vmapped gradient.
+
+  ``state`` must be a flax ``TrainState``-like pytree with ``.params`` and
+  ``.replace``. Memory is ``B ×`` the parameter count: a reference, not a
+  training score.
+  """
+  if not (hasattr(state, "params") and hasattr(state, "replace")):
+    raise TypeError(
+        "score='gradient_norm' differentiates logits_fn w.r.t. state.params, so "
+        "the train state must have .params and .replace (a flax TrainState); "
+        f"got {type(state).__name__}.")
+
+  def example_loss(params, example):
+    one = jax.tree.map(lambda x: x[None], example)
+    logits = logits_fn(state.replace(params=params), one)
+    return jnp.sum(loss.per_example(logits, labels_fn(one)))
+
+  grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0))(
+      state.params, batch)
+  squares = [jnp.sum(jnp.square(g.reshape(g.shape[0], -1).astype(jnp.float32)),
+                     axis=1) for g in jax.tree.leaves(grads)]
+  return jnp.sqrt(sum(squares))

@@ -1,0 +1,454 @@
+"""`importance_step`: a train step that resamples its batch by importance."""
+
+import inspect
+import numbers
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jis import _conditions
+from jis import _losses
+from jis import _policies
+from jis import _scores
+from jis import _transforms
+from jis import _variance
+
+Array = jax.Array
+PyTree = Any
+
+#: Metrics key under which a ``train_step`` may hand back the logits of the
+#: examples it trained on, so uniform steps keep τ current without a forward pass.
+LOGITS_KEY = "is/logits"
+_PREFIX = "is/"
+
+
+class ImportanceState(NamedTuple):
+  """The state of an importance-sampled training run: a pytree.
+
+  Attributes:
+    inner: the user's train state, as their ``train_step`` returns it.
+    key: the PRNG key; split at every step.
+    step: int32 count of steps taken.
+    tau: float32 moving average of the variance reduction τ (``is/tau``).
+    condition: the switch condition's state.
+    transforms: the score transforms' states, one per transform.
+    policy: the selection policy's state.
+  """
+  inner: PyTree
+  key: Array
+  step: Array
+  tau: Array
+  condition: PyTree
+  transforms: tuple
+  policy: PyTree
+
+
+class ImportanceStep(NamedTuple):
+  """The pure functions returned by :func:`importance_step`.
+
+  Attributes:
+    init: ``(train_state, key) -> ImportanceState``.
+    step: ``(ImportanceState, presample_batch) -> (ImportanceState, metrics)``.
+  """
+  init: Callable[[PyTree, Array], ImportanceState]
+  step: Callable[[ImportanceState, PyTree], tuple]
+
+
+def _check_callable_arity(fn, name: str, args: Sequence[str]) -> None:
+  if not callable(fn):
+    raise TypeError(f"{name} must be callable; got {type(fn).__name__}.")
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return  # builtins and some wrappers have no signature: trust the caller.
+  try:
+    signature.bind(*args)
+  except TypeError as e:
+    raise TypeError(
+        f"{name} must accept ({', '.join(args)}); its signature is "
+        f"{getattr(fn, '__name__', name)}{signature} ({e}).") from None
+
+
+def _labels_getter(labels) -> Callable[[PyTree], Array]:
+  if callable(labels):
+    return labels
+  if not isinstance(labels, (str, int)):
+    raise TypeError(
+        f"labels must be a batch key or a callable batch -> labels; got "
+        f"{type(labels).__name__}.")
+
+  def get(batch):
+    try:
+      return batch[labels]
+    except (KeyError, IndexError, TypeError):
+      keys = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
+      raise ValueError(
+          f"labels={labels!r} but the batch has no such entry (it has {keys}). "
+          "Pass labels=<the key holding the targets>, or a callable "
+          "labels=lambda batch: ...") from None
+  return get
+
+
+def _as_array(x):
+  # TrainState.create keeps step as a Python int; the jitted step returns an
+  # int32 array, which would make the second call compile again.
+  if isinstance(x, (bool, numbers.Number, np.ndarray, np.generic)):
+    return jnp.asarray(x, jax.dtypes.canonicalize_dtype(np.asarray(x).dtype))
+  return x
+
+
+def _gather(batch: PyTree, indices: Array) -> PyTree:
+  return jax.tree.map(lambda x: jnp.take(x, indices, axis=0), batch)
+
+
+def _unique_fraction(indices: Array) -> Array:
+  s = jnp.sort(indices)
+  unique = 1 + jnp.sum(s[1:] != s[:-1])
+  return unique.astype(jnp.float32) / indices.shape[0]
+
+
+def _entropy(probs: Array) -> Array:
+  p = probs.astype(jnp.float32)
+  return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+
+
+def _sanitize(scores: Array):
+  """Uniform scores (and fallback = 1) where the scores cannot be a distribution."""
+  total = jnp.sum(scores)
+  ok = (jnp.all(jnp.isfinite(scores)) & jnp.all(scores >= 0)
+        & jnp.isfinite(total) & (total > 0))
+  return jnp.where(ok, scores, jnp.ones_like(scores)), 1.0 - ok.astype(jnp.float32)
+
+
+def importance_step(
+    train_step: Callable[[PyTree, PyTree, Array], tuple],
+    logits_fn: Optional[Callable[[PyTree, PyTree], Array]],
+    *,
+    batch_size: int,
+    presample: float = 3.0,
+    loss: Union[str, Callable[[Array, Array], Array]] = "softmax_cross_entropy",
+    labels: Union[str, int, Callable[[PyTree], Array]] = "label",
+    score: Union[str, Callable[..., Array], _scores.Score] = "upper_bound",
+    tau_threshold: Optional[float] = None,
+    tau_momentum: float = 0.9,
+    k: float = 1.0,
+    smooth: float = 0.0,
+    adaptive_smooth: bool = False,
+    score_transforms: Optional[Sequence[_transforms.ScoreTransform]] = None,
+    policy: Optional[_policies.Policy] = None,
+    condition: Optional[_conditions.Condition] = None,
+) -> ImportanceStep:
+  """Wraps a train step so that it trains on an importance-sampled batch.
+
+  ``step(state, batch)`` takes a uniform *presample* of ``B = round(presample ·
+  batch_size)`` examples and is equivalent to this Python (Katharopoulos &
+  Fleuret 2018, Algorithm 1), but compiles to one XLA program with ``lax.cond``
+  choosing the branch on device::
+
+      if condition_active(state):                  # default: τ > τ_th
+        s = score(logits_fn(inner, batch), labels)  # one forward pass over B
+        s = transforms(s)                           # smoothing
+        p = s / s.sum()
+        i = categorical(p, size=b)                  # with replacement
+        w = (1 / (B * p[i])) ** k                   # rescaled if k != 1
+        inner, metrics = train_step(inner, batch[i], w)
+      else:
+        inner, metrics = train_step(inner, batch[:b], ones(b))
+        s = score of batch[:b]                      # to keep τ current
+      τ = m τ + (1 − m) variance_reduction(s)
+
+  On uniform steps the scores of the ``b`` trained examples come from the
+  logits the ``train_step`` hands back under ``metrics["is/logits"]`` when it
+  does (free: its forward pass computed them; jis removes the key from the
+  metrics), or else from ``logits_fn`` on those ``b`` examples (one extra
+  forward pass of ``b``, about a third of a training step). With
+  ``score="uniform"`` no forward pass is ever made.
+
+  If the scores of a step are non-finite, negative or all zero, that step uses
+  uniform scores instead and reports ``is/fallback = 1``.
+
+  ``train_step`` and ``logits_fn`` may be plain or already-jitted functions:
+  jis traces them into its own program either way. jis never jits on your
+  behalf: ``jax.jit(sampler.step, donate_argnums=0)`` is yours to write.
+
+  Args:
+    train_step: ``(train_state, batch, weights [b]) -> (train_state, metrics)``,
+      the user's step with per-example loss weights; ``metrics`` a dict.
+    logits_fn: ``(train_state, batch) -> logits [n, ...]``, the forward pass in
+      inference mode (BatchNorm statistics, no dropout). May be None with
+      ``score="uniform"`` or a score that needs no logits.
+    batch_size: ``b``, the number of examples each update trains on.
+    presample: ``B / b`` (a float ≥ 1); the batch given to ``step`` must have
+      ``B = round(presample · b)`` examples.
+    loss: ``"softmax_cross_entropy"`` (integer or one-hot/soft labels),
+      ``"sigmoid_binary_cross_entropy"``, ``"mean_squared_error"``, or a
+      callable ``loss(logits, labels) -> [n]``; used by the scores.
+    labels: the batch key holding the targets, or a callable ``batch -> labels``.
+    score: ``"upper_bound"`` (norm of the loss gradient w.r.t. the logits),
+      ``"loss"``, ``"gradient_norm"`` (exact per-example parameter-gradient
+      norm; a costly reference), ``"reducible_loss"`` (RHO-LOSS, needs
+      ``batch["irreducible_loss"]``), ``"uniform"``, or a callable
+      ``score(logits, labels, batch) -> [n]``.
+    tau_threshold: resample when τ exceeds it; None is eq. 29,
+      ``(B + 3b) / (3b)``; ``0.0`` always, ``float("inf")`` never. Shorthand for
+      ``condition=when_variance_reduced(tau_threshold, tau_momentum)``.
+    tau_momentum: momentum of the moving average τ (``state.tau``).
+    k: weight exponent; 1 is unbiased, ``k < 1`` biases towards hard examples.
+      Shorthand for ``policy=importance_sampling(k)``.
+    smooth: added to every score (shorthand for ``additive_smoothing``).
+    adaptive_smooth: if True, ``smooth`` multiplies a moving average of the
+      scores instead (shorthand for ``adaptive_smoothing(smooth)``).
+    score_transforms: transforms applied in order to the scores.
+    policy: how to select ``b`` examples from the scores.
+    condition: when to resample rather than train on the first ``b`` examples.
+
+  Returns:
+    An :class:`ImportanceStep` ``(init, step)``. ``step`` returns the user's
+    metrics plus ``is/tau``, ``is/active``, ``is/ess``, ``is/max_weight``,
+    ``is/score_mean``, ``is/fallback``, ``is/selected_fraction_unique``,
+    ``is/entropy`` and ``is/variance_reduction`` (this step's τ).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import jis
+    >>> def train_step(params, batch, weights):
+    ...   def loss_fn(p):
+    ...     logits = batch["x"] @ p
+    ...     losses = optax.softmax_cross_entropy_with_integer_labels(
+    ...         logits, batch["label"])
+    ...     return jnp.mean(weights * losses)
+    ...   loss, grads = jax.value_and_grad(loss_fn)(params)
+    ...   return params - 0.1 * grads, {"loss": loss}
+    >>> sampler = jis.importance_step(
+    ...     train_step, lambda params, batch: batch["x"] @ params,
+    ...     batch_size=4, presample=2.0, tau_threshold=0.0)
+    >>> state = sampler.init(jnp.zeros((3, 2)), jax.random.key(0))
+    >>> batch = {"x": jnp.ones((8, 3)), "label": jnp.array([0, 1] * 4)}
+    >>> state, metrics = jax.jit(sampler.step)(state, batch)
+    >>> int(state.step), float(metrics["is/active"])
+    (1, 1.0)
+  """
+  # ---- validate once, before the closures (optax style) ----
+  if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+      or batch_size < 1:
+    raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}.")
+  b = int(batch_size)
+  if isinstance(presample, bool) or not isinstance(presample, numbers.Real) \
+      or not np.isfinite(presample) or presample < 1:
+    raise ValueError(
+        f"presample must be a finite number >= 1 (B = round(presample * "
+        f"batch_size) examples are scored per step); got {presample!r}.")
+  big_b = int(round(presample * b))
+  if big_b < b:
+    raise ValueError(f"presample={presample} gives B={big_b} < batch_size={b}.")
+  if not 0 <= tau_momentum < 1:
+    raise ValueError(f"tau_momentum must be in [0, 1); got {tau_momentum!r}.")
+  _check_callable_arity(train_step, "train_step", ("state", "batch", "weights"))
+  loss_ = _losses.resolve_loss(loss)
+  score_ = _scores.resolve_score(score, loss_)
+  if logits_fn is None:
+    if score_.needs_logits:
+      raise ValueError(
+          f"score={score_.name!r} needs the model's logits, so logits_fn is "
+          "required: pass logits_fn(state, batch) -> logits (inference mode).")
+  else:
+    _check_callable_arity(logits_fn, "logits_fn", ("state", "batch"))
+  labels_fn = _labels_getter(labels)
+
+  if policy is None:
+    policy = _policies.importance_sampling(k)
+  elif k != 1.0:
+    raise ValueError(
+        f"k={k} is a shorthand for policy=jis.importance_sampling(k); it cannot "
+        "be combined with policy=. Pass the exponent to the policy instead.")
+  if not isinstance(policy, _policies.Policy):
+    raise TypeError(f"policy must be a jis.Policy (e.g. jis.importance_sampling());"
+                    f" got {type(policy).__name__}.")
+
+  if condition is None:
+    condition = _conditions.when_variance_reduced(tau_threshold, tau_momentum)
+  elif tau_threshold is not None:
+    raise ValueError(
+        "tau_threshold is a shorthand for condition=jis.when_variance_reduced("
+        "threshold); it cannot be combined with condition=.")
+  if not isinstance(condition, _conditions.Condition):
+    raise TypeError(f"condition must be a jis.Condition (e.g. jis.always()); got "
+                    f"{type(condition).__name__}.")
+
+  if adaptive_smooth and not smooth > 0:
+    raise ValueError("adaptive_smooth=True scales smooth by a moving average of "
+                     f"the scores, so smooth must be > 0; got smooth={smooth!r}.")
+  if score_transforms is None:
+    if adaptive_smooth:
+      score_transforms = (_transforms.adaptive_smoothing(smooth),)
+    elif smooth:
+      score_transforms = (_transforms.additive_smoothing(smooth),)
+    else:
+      score_transforms = ()
+  elif smooth or adaptive_smooth:
+    raise ValueError("smooth/adaptive_smooth are shorthands for score_transforms"
+                     "; put jis.additive_smoothing / jis.adaptive_smoothing in "
+                     "score_transforms instead.")
+  score_transforms = tuple(score_transforms)
+  for t in score_transforms:
+    if not isinstance(t, _transforms.ScoreTransform):
+      raise TypeError("score_transforms must hold jis.ScoreTransform values "
+                      f"(e.g. jis.additive_smoothing(1.0)); got {type(t).__name__}.")
+
+  # ---- the pure functions ----
+  def init(train_state: PyTree, key: Array) -> ImportanceState:
+    if not (isinstance(key, jax.Array) and (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == jnp.uint32 and key.shape == (2,)))):
+      raise TypeError(
+          f"init(train_state, key) needs a PRNG key such as jax.random.key(0); "
+          f"got {type(key).__name__} {getattr(key, 'dtype', '')}.")
+    return ImportanceState(
+        inner=jax.tree.map(_as_array, train_state),
+        key=key,
+        step=jnp.zeros((), jnp.int32),
+        tau=jnp.zeros((), jnp.float32),
+        condition=condition.init(big_b, b),
+        transforms=tuple(t.init() for t in score_transforms),
+        policy=policy.init(big_b, b))
+
+  def check_batch(batch):
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    if not leaves:
+      raise ValueError("step(state, batch) got a batch with no arrays.")
+    for path, leaf in leaves:
+      shape = np.shape(leaf)
+      if len(shape) == 0 or shape[0] != big_b:
+        raise ValueError(
+            f"Every batch leaf must have leading dimension B = round(presample * "
+            f"batch_size) = round({presample} * {b}) = {big_b}; leaf "
+            f"batch{jax.tree_util.keystr(path)} has shape {shape}. Feed "
+            f"presample batches of {big_b} examples, or change presample.")
+
+  def scores_of(inner, batch, logits=None):
+    n = jax.tree.leaves(batch)[0].shape[0]
+    if score_.per_parameter:
+      s = _scores.per_parameter_grad_norm(logits_fn, loss_, labels_fn, inner, batch)
+    else:
+      if score_.needs_logits and logits is None:
+        logits = logits_fn(inner, batch)
+      lab = labels_fn(batch) if score_.needs_labels else None
+      if score_.needs_logits and lab is not None and np.shape(logits)[:1] != (n,):
+        raise ValueError(
+            f"logits_fn returned logits of shape {np.shape(logits)} for {n} "
+            f"examples; the first axis must be the batch ({n}).")
+      s = score_.fn(logits, lab, batch)
+    if np.shape(s) != (n,):
+      raise ValueError(f"score={score_.name!r} returned shape {np.shape(s)}; "
+                       f"it must return one score per example, shape ({n},).")
+    return jnp.asarray(s, jnp.float32)
+
+  def transform(scores, states):
+    new_states = []
+    for t, s in zip(score_transforms, states):
+      scores, s = t.update(scores, s)
+      new_states.append(s)
+    return scores, tuple(new_states)
+
+  def call_train_step(inner, batch, weights):
+    out = train_step(inner, batch, weights)
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise TypeError("train_step must return (train_state, metrics); got "
+                      f"{type(out).__name__}.")
+    new_inner, metrics = out
+    if not isinstance(metrics, Mapping):
+      raise TypeError("train_step must return its metrics as a dict so jis can "
+                      f"add its is/ metrics; got {type(metrics).__name__}.")
+    metrics = dict(metrics)
+    logits = metrics.pop(LOGITS_KEY, None)
+    clash = [name for name in metrics if str(name).startswith(_PREFIX)]
+    if clash:
+      raise ValueError(f"Metric names starting with {_PREFIX!r} are jis's; "
+                       f"rename {clash}.")
+    in_leaves, in_tree = jax.tree.flatten(inner)
+    out_leaves, out_tree = jax.tree.flatten(new_inner)
+    if in_tree != out_tree:
+      raise ValueError("train_step must return a train state with the same "
+                       f"structure as it was given; got {out_tree}, expected "
+                       f"{in_tree}.")
+    for x, y in zip(in_leaves, out_leaves):
+      if jnp.shape(x) != jnp.shape(y) or jnp.result_type(x) != jnp.result_type(y):
+        raise ValueError(
+            "train_step changed a state leaf from "
+            f"{jnp.result_type(x)}{list(jnp.shape(x))} to "
+            f"{jnp.result_type(y)}{list(jnp.shape(y))}; leaves must keep their "
+            "shape and dtype so the step compiles once (create the state with "
+            "sampler.init, which turns Python numbers into arrays).")
+    if logits is not None and np.shape(logits)[:1] != (b,):
+      raise ValueError(f"metrics[{LOGITS_KEY!r}] must hold the logits of the "
+                       f"{b} trained examples; got shape {np.shape(logits)}.")
+    return new_inner, metrics, logits
+
+  def is_metrics(raw_scores, scores, indices, weights, probs, fallback, active):
+    w = weights.astype(jnp.float32)
+    return {
+        "is/active": jnp.asarray(active, jnp.float32),
+        "is/ess": jnp.square(jnp.sum(w)) / jnp.sum(jnp.square(w)),
+        "is/max_weight": jnp.max(w),
+        "is/score_mean": jnp.mean(raw_scores),
+        "is/fallback": fallback,
+        "is/selected_fraction_unique": _unique_fraction(indices),
+        "is/entropy": _entropy(probs),
+        "is/variance_reduction": _variance.variance_reduction(scores),
+    }
+
+  def step(state: ImportanceState, batch: PyTree):
+    if not isinstance(state, ImportanceState):
+      raise TypeError("step(state, batch) needs the ImportanceState made by "
+                      f"sampler.init; got {type(state).__name__}.")
+    check_batch(batch)
+    key, select_key = jax.random.split(state.key)
+    operands = (state.inner, state.condition, state.transforms, state.policy)
+
+    def importance_branch(operands):
+      inner, cond_state, t_states, p_state = operands
+      raw = scores_of(inner, batch)
+      scores, t_states = transform(raw, t_states)
+      scores, fallback = _sanitize(scores)
+      sel = policy.select(select_key, scores, p_state, b)
+      weights = jnp.asarray(sel.weights, jnp.float32)
+      new_inner, metrics, _ = call_train_step(
+          inner, _gather(batch, sel.indices), weights)
+      cond_state = condition.update(cond_state, scores, state.step)
+      return (new_inner, metrics, cond_state, t_states, sel.state,
+              is_metrics(raw, scores, sel.indices, weights, sel.probs,
+                         fallback, 1.0))
+
+    def uniform_branch(operands):
+      inner, cond_state, t_states, p_state = operands
+      sub = jax.tree.map(lambda x: x[:b], batch)
+      weights = jnp.ones((b,), jnp.float32)
+      new_inner, metrics, logits = call_train_step(inner, sub, weights)
+      if logits is not None:
+        logits = jax.lax.stop_gradient(logits)
+      raw = scores_of(inner, sub, logits)
+      scores, t_states = transform(raw, t_states)
+      scores, fallback = _sanitize(scores)
+      p_state = policy.observe(scores, p_state)
+      cond_state = condition.update(cond_state, scores, state.step)
+      probs = jnp.full((big_b,), 1.0 / big_b, jnp.float32)
+      return (new_inner, metrics, cond_state, t_states, p_state,
+              is_metrics(raw, scores, jnp.arange(b), weights, probs,
+                         fallback, 0.0))
+
+    active = jnp.asarray(condition.active(state.condition, state.step))
+    if active.shape != () or active.dtype != jnp.bool_:
+      raise TypeError("condition.active must return a scalar bool; got "
+                      f"{active.dtype}{list(active.shape)}.")
+    inner, metrics, cond_state, t_states, p_state, extra = jax.lax.cond(
+        active, importance_branch, uniform_branch, operands)
+    tau = tau_momentum * state.tau + (1.0 - tau_momentum) * extra[
+        "is/variance_reduction"]
+    new_state = ImportanceState(
+        inner=inner, key=key, step=state.step + 1, tau=tau,
+        condition=cond_state, transforms=t_states, policy=p_state)
+    return new_state, {**metrics, **extra, "is/tau": tau}
+
+  return ImportanceStep(init, step)
