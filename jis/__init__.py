@@ -5,6 +5,9 @@ informative examples, and reweight so the gradient stays unbiased
 (Katharopoulos & Fleuret 2018), all inside one jitted step.
 """
 
+from jis._budget import Budget
+from jis._budget import constant_time
+from jis._budget import constant_variance
 from jis._conditions import always
 from jis._conditions import Condition
 from jis._conditions import never
@@ -12,15 +15,23 @@ from jis._conditions import total_variation
 from jis._conditions import warmup
 from jis._conditions import when_total_variation
 from jis._conditions import when_variance_reduced
+from jis._indexed import Indexed
+from jis._indexed import presample_rows
 from jis._losses import logit_grad_norm
 from jis._losses import Loss
 from jis._policies import importance_sampling
 from jis._policies import importance_weights
+from jis._policies import online_batch_selection
 from jis._policies import Policy
 from jis._policies import sample_categorical
 from jis._policies import Selection
+from jis._policies import top_k
 from jis._policies import uniform
 from jis._scores import Score
+from jis._selective_backprop import selective_backprop
+from jis._sharding import shard_presample
+from jis._stale import ScoreTable
+from jis._stale import stale_scores
 from jis._step import importance_step
 from jis._step import ImportanceState
 from jis._step import ImportanceStep

@@ -81,6 +81,8 @@ def when_variance_reduced(threshold: Optional[float] = None,
 def total_variation(scores: Array) -> Array:
   """``½ Σ |p − 1/n|``: distance of ``p = scores / Σ scores`` from uniform."""
   s = jnp.asarray(scores, jnp.float32)
+  top = jnp.max(s)
+  s = _variance.scale_to_unit_max(s, jnp.where(top > 0, top, 1.0))
   total = jnp.sum(s)
   p = jnp.where(total > 0, s / jnp.where(total > 0, total, 1.0), 1.0 / s.shape[0])
   return 0.5 * jnp.sum(jnp.abs(p - 1.0 / s.shape[0]))

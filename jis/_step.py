@@ -1,5 +1,6 @@
 """`importance_step`: a train step that resamples its batch by importance."""
 
+import functools
 import inspect
 import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
@@ -8,10 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jis import _budget
 from jis import _conditions
+from jis import _indexed
 from jis import _losses
 from jis import _policies
 from jis import _scores
+from jis import _sharding
+from jis import _stale
 from jis import _transforms
 from jis import _variance
 
@@ -35,6 +40,7 @@ class ImportanceState(NamedTuple):
     condition: the switch condition's state.
     transforms: the score transforms' states, one per transform.
     policy: the selection policy's state.
+    table: the stale score table (:func:`jis.stale_scores`), or ``()``.
   """
   inner: PyTree
   key: Array
@@ -43,6 +49,7 @@ class ImportanceState(NamedTuple):
   condition: PyTree
   transforms: tuple
   policy: PyTree
+  table: PyTree = ()
 
 
 class ImportanceStep(NamedTuple):
@@ -99,10 +106,6 @@ def _as_array(x):
   return x
 
 
-def _gather(batch: PyTree, indices: Array) -> PyTree:
-  return jax.tree.map(lambda x: jnp.take(x, indices, axis=0), batch)
-
-
 def _unique_fraction(indices: Array) -> Array:
   s = jnp.sort(indices)
   unique = 1 + jnp.sum(s[1:] != s[:-1])
@@ -115,10 +118,11 @@ def _entropy(probs: Array) -> Array:
 
 
 def _sanitize(scores: Array):
-  """Uniform scores (and fallback = 1) where the scores cannot be a distribution."""
-  total = jnp.sum(scores)
+  """The scores, or uniform ones (and fallback = 1) where they cannot be a
+  distribution: non-finite, negative or all zero (subnormal scores count as
+  zero: most backends flush them)."""
   ok = (jnp.all(jnp.isfinite(scores)) & jnp.all(scores >= 0)
-        & jnp.isfinite(total) & (total > 0))
+        & (jnp.max(scores) > 0))
   return jnp.where(ok, scores, jnp.ones_like(scores)), 1.0 - ok.astype(jnp.float32)
 
 
@@ -139,6 +143,12 @@ def importance_step(
     score_transforms: Optional[Sequence[_transforms.ScoreTransform]] = None,
     policy: Optional[_policies.Policy] = None,
     condition: Optional[_conditions.Condition] = None,
+    score_table: Optional[_stale.ScoreTable] = None,
+    budget: Optional[_budget.Budget] = None,
+    forward_batch_size: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    data_axis: Union[str, Sequence[str]] = "data",
+    resample: str = "global",
 ) -> ImportanceStep:
   """Wraps a train step so that it trains on an importance-sampled batch.
 
@@ -203,12 +213,42 @@ def importance_step(
     score_transforms: transforms applied in order to the scores.
     policy: how to select ``b`` examples from the scores.
     condition: when to resample rather than train on the first ``b`` examples.
+    score_table: :func:`jis.stale_scores`: score the presample from a table of
+      every example's latest score instead of a forward pass, refreshing the
+      trained examples' scores (see ``docs/strategies.md``). The default
+      condition is then :func:`jis.always`, since resampling costs no
+      presample forward pass.
+    budget: :func:`jis.constant_variance` or :func:`jis.constant_time`: pick
+      the numbers of examples scored and trained on from τ, among static
+      buckets (``lax.switch``); its τ threshold is the default condition's.
+    forward_batch_size: score the presample this many examples at a time
+      (``lax.map`` over ``B / forward_batch_size`` chunks) so that very large
+      presamples fit in memory; it must divide ``B`` (and, on a mesh, be a
+      multiple of the devices on ``data_axis``). None scores all ``B`` at once.
+    mesh: the ``jax.sharding.Mesh`` whose ``data_axis`` the presample's leading
+      dimension is split over (data parallelism; see ``docs/scaling.md``).
+      None runs the single-device algorithm. ``train_step`` and ``logits_fn``
+      stay global-view functions; the parameters may be replicated or sharded
+      over other mesh axes as you choose. ``init`` replicates the jis state and
+      any train-state leaf not already on the mesh.
+    data_axis: the mesh axis name (or tuple of names) of the data parallelism.
+      ``B`` and ``b`` must be divisible by the number of devices on it.
+    resample: with a mesh, ``"global"`` draws the ``b`` examples from all
+      ``B`` scores exactly as on one device (all-gathers the ``B`` scores,
+      then moves about ``b`` rows per device); ``"local"`` draws ``b / d``
+      from each device's own ``B / d`` examples with weights
+      ``1 / ((B / d) p)`` that keep the update unbiased (stratified; no
+      example crosses devices).
 
   Returns:
     An :class:`ImportanceStep` ``(init, step)``. ``step`` returns the user's
     metrics plus ``is/tau``, ``is/active``, ``is/ess``, ``is/max_weight``,
     ``is/score_mean``, ``is/fallback``, ``is/selected_fraction_unique``,
-    ``is/entropy`` and ``is/variance_reduction`` (this step's τ).
+    ``is/entropy`` and ``is/variance_reduction`` (this step's τ); with a
+    ``score_table`` also ``is/fresh``, ``is/score_age`` and ``is/unscored``;
+    with a ``budget`` also ``is/presample_size`` and ``is/batch_size``.
+    ``step`` also accepts a :class:`jis.Indexed` presample (dataset indices
+    into a dataset on device) in place of the presample batch.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -268,7 +308,14 @@ def importance_step(
                     f" got {type(policy).__name__}.")
 
   if condition is None:
-    condition = _conditions.when_variance_reduced(tau_threshold, tau_momentum)
+    if tau_threshold is None and budget is not None:
+      condition = _conditions.when_variance_reduced(
+          budget.tau_threshold(big_b, b), tau_momentum)
+    elif tau_threshold is None and score_table is not None:
+      # Eq. 29 prices a presample forward pass that stale scores do not make.
+      condition = _conditions.always()
+    else:
+      condition = _conditions.when_variance_reduced(tau_threshold, tau_momentum)
   elif tau_threshold is not None:
     raise ValueError(
         "tau_threshold is a shorthand for condition=jis.when_variance_reduced("
@@ -297,6 +344,21 @@ def importance_step(
       raise TypeError("score_transforms must hold jis.ScoreTransform values "
                       f"(e.g. jis.additive_smoothing(1.0)); got {type(t).__name__}.")
 
+  layout = _sharding.resolve_layout(mesh, data_axis, resample, big_b, b,
+                                   forward_batch_size)
+  if score_table is not None and not isinstance(score_table, _stale.ScoreTable):
+    raise TypeError("score_table must be a jis.ScoreTable (jis.stale_scores(N));"
+                    f" got {type(score_table).__name__}.")
+  if score_table is not None and layout.mesh is not None:
+    raise ValueError("score_table runs on one device for now: pass mesh=None.")
+  buckets = None
+  if budget is not None:
+    if score_table is not None:
+      raise ValueError(
+          "budget trades presample forward passes against backward passes; "
+          "with score_table the presample needs no forward pass. Use one.")
+    buckets = _budget.resolve_buckets(budget, big_b, b, layout)
+
   # ---- the pure functions ----
   def init(train_state: PyTree, key: Array) -> ImportanceState:
     if not (isinstance(key, jax.Array) and (
@@ -305,16 +367,29 @@ def importance_step(
       raise TypeError(
           f"init(train_state, key) needs a PRNG key such as jax.random.key(0); "
           f"got {type(key).__name__} {getattr(key, 'dtype', '')}.")
-    return ImportanceState(
-        inner=jax.tree.map(_as_array, train_state),
+    state = ImportanceState(
+        inner=_sharding.place_train_state(
+            jax.tree.map(_as_array, train_state), layout),
         key=key,
         step=jnp.zeros((), jnp.int32),
         tau=jnp.zeros((), jnp.float32),
         condition=condition.init(big_b, b),
         transforms=tuple(t.init() for t in score_transforms),
-        policy=policy.init(big_b, b))
+        policy=_sharding.init_policy(policy, big_b, b, layout),
+        table=score_table.init() if score_table is not None else ())
+    return on_mesh(state, _sharding.place)
+
+  def on_mesh(state, put):
+    # jis's own leaves go where step returns them (replicated, or split per
+    # device for a local policy), so a jitted step never compiles twice.
+    own = {name: put(getattr(state, name), layout, None)
+           for name in state._fields if name not in ("inner", "policy")}
+    return state._replace(**own, policy=put(
+        state.policy, layout, _sharding.policy_sharding_dim(layout)))
 
   def check_batch(batch):
+    if isinstance(batch, _indexed.Indexed):
+      return _indexed.check_indexed(batch, big_b, layout)
     leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
     if not leaves:
       raise ValueError("step(state, batch) got a batch with no arrays.")
@@ -381,9 +456,10 @@ def importance_step(
             f"{jnp.result_type(y)}{list(jnp.shape(y))}; leaves must keep their "
             "shape and dtype so the step compiles once (create the state with "
             "sampler.init, which turns Python numbers into arrays).")
-    if logits is not None and np.shape(logits)[:1] != (b,):
+    n = np.shape(weights)[0]
+    if logits is not None and np.shape(logits)[:1] != (n,):
       raise ValueError(f"metrics[{LOGITS_KEY!r}] must hold the logits of the "
-                       f"{b} trained examples; got shape {np.shape(logits)}.")
+                       f"{n} trained examples; got shape {np.shape(logits)}.")
     return new_inner, metrics, logits
 
   def is_metrics(raw_scores, scores, indices, weights, probs, fallback, active):
@@ -405,50 +481,84 @@ def importance_step(
                       f"sampler.init; got {type(state).__name__}.")
     check_batch(batch)
     key, select_key = jax.random.split(state.key)
-    operands = (state.inner, state.condition, state.transforms, state.policy)
+    operands = (state.inner, state.condition, state.transforms, state.policy,
+                state.table)
 
-    def importance_branch(operands):
-      inner, cond_state, t_states, p_state = operands
-      raw = scores_of(inner, batch)
+    def importance_branch(operands, n_scored=big_b, n_train=b):
+      inner, cond_state, t_states, p_state, table = operands
+      pool = _indexed.head(batch, n_scored)  # the rows scored
+      score_presample = lambda: _indexed.score_in_chunks(
+          lambda chunk: scores_of(inner, chunk), pool, layout)
+      if score_table is None:
+        raw, extra = score_presample(), {}
+      else:
+        raw, table, fresh, extra = _stale.presample_scores(
+            score_table, table, pool, state.step, score_presample)
       scores, t_states = transform(raw, t_states)
       scores, fallback = _sanitize(scores)
-      sel = policy.select(select_key, scores, p_state, b)
+      sel, selected = _indexed.select(
+          policy, select_key, scores, p_state, pool, n_train, layout)
       weights = jnp.asarray(sel.weights, jnp.float32)
-      new_inner, metrics, _ = call_train_step(
-          inner, _gather(batch, sel.indices), weights)
+      new_inner, metrics, logits = call_train_step(inner, selected, weights)
+      if score_table is not None:
+        if logits is not None:
+          logits = jax.lax.stop_gradient(logits)
+        table = _stale.refresh(
+            score_table, table,
+            _stale.trained_index(score_table, pool, selected, sel.indices),
+            state.step, fresh, lambda: scores_of(inner, selected, logits))
+      if buckets is not None:
+        extra = {**extra, **_budget.metrics(n_scored, n_train)}
       cond_state = condition.update(cond_state, scores, state.step)
-      return (new_inner, metrics, cond_state, t_states, sel.state,
-              is_metrics(raw, scores, sel.indices, weights, sel.probs,
-                         fallback, 1.0))
+      return (new_inner, metrics, cond_state, t_states, sel.state, table,
+              {**is_metrics(raw, scores, sel.indices, weights, sel.probs,
+                            fallback, 1.0), **extra})
+
+    if buckets is not None:
+      bucket = budget.choose(state.tau, big_b, b)
+      resample_branch = lambda operands: jax.lax.switch(bucket, [
+          functools.partial(importance_branch, n_scored=n, n_train=a)
+          for n, a in buckets], operands)
+    else:
+      resample_branch = importance_branch
 
     def uniform_branch(operands):
-      inner, cond_state, t_states, p_state = operands
-      sub = jax.tree.map(lambda x: x[:b], batch)
-      weights = jnp.ones((b,), jnp.float32)
+      inner, cond_state, t_states, p_state, table = operands
+      sub = _indexed.first_rows(batch, b, layout)
+      weights = _sharding.constrain(jnp.ones((b,), jnp.float32), layout, 0)
       new_inner, metrics, logits = call_train_step(inner, sub, weights)
       if logits is not None:
         logits = jax.lax.stop_gradient(logits)
       raw = scores_of(inner, sub, logits)
+      extra = {}
+      if score_table is not None:
+        table = score_table.write(
+            table, _stale.trained_index(score_table, batch, sub, jnp.arange(b)),
+            raw, state.step)
+        extra = _stale.uniform_metrics()
+      if buckets is not None:
+        extra = {**extra, **_budget.metrics(0, b)}
       scores, t_states = transform(raw, t_states)
       scores, fallback = _sanitize(scores)
-      p_state = policy.observe(scores, p_state)
+      p_state = _sharding.observe(policy, scores, p_state, layout)
       cond_state = condition.update(cond_state, scores, state.step)
       probs = jnp.full((big_b,), 1.0 / big_b, jnp.float32)
-      return (new_inner, metrics, cond_state, t_states, p_state,
-              is_metrics(raw, scores, jnp.arange(b), weights, probs,
-                         fallback, 0.0))
+      return (new_inner, metrics, cond_state, t_states, p_state, table,
+              {**is_metrics(raw, scores, jnp.arange(b), weights, probs,
+                            fallback, 0.0), **extra})
 
     active = jnp.asarray(condition.active(state.condition, state.step))
     if active.shape != () or active.dtype != jnp.bool_:
       raise TypeError("condition.active must return a scalar bool; got "
                       f"{active.dtype}{list(active.shape)}.")
-    inner, metrics, cond_state, t_states, p_state, extra = jax.lax.cond(
-        active, importance_branch, uniform_branch, operands)
+    inner, metrics, cond_state, t_states, p_state, table, extra = jax.lax.cond(
+        active, resample_branch, uniform_branch, operands)
     tau = tau_momentum * state.tau + (1.0 - tau_momentum) * extra[
         "is/variance_reduction"]
     new_state = ImportanceState(
         inner=inner, key=key, step=state.step + 1, tau=tau,
-        condition=cond_state, transforms=t_states, policy=p_state)
+        condition=cond_state, transforms=t_states, policy=p_state, table=table)
+    new_state = on_mesh(new_state, _sharding.constrain)
     return new_state, {**metrics, **extra, "is/tau": tau}
 
   return ImportanceStep(init, step)

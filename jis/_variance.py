@@ -4,6 +4,14 @@ import jax
 import jax.numpy as jnp
 
 
+def scale_to_unit_max(scores: jax.Array, top: jax.Array) -> jax.Array:
+  """``scores / top`` without forming ``1 / top``, which is subnormal (and
+  flushed to zero on most backends) for ``top`` above ~1e38: two multiplies by
+  ``1/sqrt(top)`` keep every intermediate normal for any finite ``top > 0``."""
+  r = jax.lax.rsqrt(top.astype(jnp.float32))
+  return (scores * r) * r
+
+
 def variance_reduction(scores: jax.Array) -> jax.Array:
   """One-step variance-reduction estimate τ of importance sampling.
 
@@ -31,6 +39,8 @@ def variance_reduction(scores: jax.Array) -> jax.Array:
     2.0
   """
   s = jnp.asarray(scores, jnp.float32)
+  top = jnp.max(s)
+  s = scale_to_unit_max(s, jnp.where(top > 0, top, 1.0))  # keeps s² finite
   total = jnp.sum(s)
   safe = jnp.where(total > 0, total, 1.0)
   g = jnp.where(total > 0, s / safe, 1.0 / s.shape[0])

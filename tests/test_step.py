@@ -444,13 +444,14 @@ def test_every_named_score_runs_in_the_step(score):
 # ---------------------------------------------------------------- fallback
 
 
-@pytest.mark.parametrize("bad", [0.0, np.nan, np.inf, -1.0])
+@pytest.mark.parametrize("bad", [0.0, 1e-40, np.nan, np.inf, -1.0])
 def test_unusable_scores_fall_back_to_uniform(bad):
+  """Non-finite, negative, all-zero or all-denormal (flushed to zero) scores."""
   sampler = jis.importance_step(
       _linear_train_step, _linear_logits, batch_size=4, presample=3.0,
       tau_threshold=0.0, score=lambda logits, labels, batch: batch["s"])
   batch = {**_presample(12), "s": jnp.full((12,), bad).at[0].set(
-      bad if bad == 0.0 else 1.0)}
+      bad if 0 <= bad < 1e-30 else 1.0)}
   state, metrics = jax.jit(sampler.step)(sampler.init(_params(), jax.random.key(0)),
                                          batch)
   assert float(metrics["is/fallback"]) == 1.0
@@ -573,3 +574,18 @@ def test_user_metrics_pass_through_unchanged():
                                      _presample(12))
   np.testing.assert_array_equal(metrics["per_example"], np.full(4, 2.0))
   assert float(metrics["loss"]) == 1.5
+
+
+@pytest.mark.parametrize("scale", [1e-37, 1e-30, 1e30, 3e38])
+def test_extreme_but_valid_scores_keep_weights_finite_and_bounded(scale):
+  sampler = jis.importance_step(
+      _linear_train_step, _linear_logits, batch_size=4, presample=3.0,
+      tau_threshold=0.0, score=lambda logits, labels, batch: batch["s"])
+  s = jnp.linspace(0.0, 1.0, 12).at[3].set(1e-12) * scale  # one near-zero, one zero
+  batch = {**_presample(12), "s": s.astype(jnp.float32)}
+  state, metrics = jax.jit(sampler.step)(sampler.init(_params(), jax.random.key(0)),
+                                         batch)
+  assert float(metrics["is/fallback"]) == 0.0
+  assert 0 < float(metrics["is/max_weight"]) <= 1e4
+  assert 1.0 <= float(metrics["is/variance_reduction"]) <= np.sqrt(12) + 1e-4
+  assert np.all(np.isfinite(np.asarray(state.inner)))

@@ -1,0 +1,127 @@
+"""Presamples given by dataset indices, for datasets that live on device.
+
+A step normally receives its ``B`` presampled examples as arrays. When the
+whole dataset fits on the accelerator, it can instead receive the dataset and
+``B`` indices, :class:`Indexed`, and gather inside the jitted program only the
+rows it uses: the ``b`` trained examples, plus all ``B`` only when it runs a
+forward pass over the presample. The helpers below treat both forms alike.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jis import _sharding
+
+Array = jax.Array
+PyTree = Any
+
+
+class Indexed(NamedTuple):
+  """A presample given as indices into a dataset that lives on device.
+
+  Pass it to ``step`` in place of the presample batch. ``data`` is an
+  argument of the jitted step (not a constant closed over), so it is neither
+  copied nor recompiled for; do not donate it.
+
+  Attributes:
+    data: the dataset, a pytree whose leaves all have leading dimension ``N``.
+    index: ``[B]`` integer indices into ``data``; the presample.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jis
+    >>> data = {"x": jnp.arange(10.0)[:, None], "label": jnp.arange(10) % 2}
+    >>> batch = jis.Indexed(data, jnp.array([7, 2, 5]))
+    >>> jis.presample_rows(batch)["x"][:, 0]
+    Array([7., 2., 5.], dtype=float32)
+  """
+  data: PyTree
+  index: Array
+
+
+def presample_size(batch: PyTree) -> int:
+  """``B``, the number of presampled examples (static)."""
+  if isinstance(batch, Indexed):
+    return int(np.shape(batch.index)[0])
+  return int(np.shape(jax.tree.leaves(batch)[0])[0])
+
+
+def head(batch: PyTree, n: int) -> PyTree:
+  """The first ``n`` presampled examples, in the same form as ``batch``."""
+  if n == presample_size(batch):
+    return batch
+  if isinstance(batch, Indexed):
+    return Indexed(batch.data, batch.index[:n])
+  return jax.tree.map(lambda x: x[:n], batch)
+
+
+def take(batch: PyTree, positions: Array) -> PyTree:
+  """The examples at ``positions`` of the presample, as arrays."""
+  if isinstance(batch, Indexed):
+    rows = jnp.take(batch.index, positions, axis=0)
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), batch.data)
+  return jax.tree.map(lambda x: jnp.take(x, positions, axis=0), batch)
+
+
+def presample_rows(batch: PyTree) -> PyTree:
+  """All presampled examples as arrays (a gather of ``B`` rows for Indexed)."""
+  if isinstance(batch, Indexed):
+    return jax.tree.map(lambda x: jnp.take(x, batch.index, axis=0), batch.data)
+  return batch
+
+
+def score_in_chunks(score_fn, batch: PyTree, layout) -> Array:
+  """Scores every presampled example, ``forward_batch_size`` at a time.
+
+  For :class:`Indexed`, the indices are chunked and each chunk gathers only
+  its own rows, so at most ``forward_batch_size`` rows are ever gathered.
+  """
+  if isinstance(batch, Indexed):
+    return _sharding.score_in_chunks(
+        lambda index: score_fn(presample_rows(Indexed(batch.data, index))),
+        batch.index, layout)
+  return _sharding.score_in_chunks(score_fn, batch, layout)
+
+
+def select(policy, key: Array, scores: Array, policy_state: PyTree,
+           batch: PyTree, batch_size: int, layout):
+  """``(selection, selected rows)``: the policy's draw, gathered."""
+  if isinstance(batch, Indexed):
+    sel = policy.select(key, scores, policy_state, batch_size)
+    return sel, take(batch, sel.indices)
+  return _sharding.select(policy, key, scores, policy_state, batch,
+                          batch_size, layout)
+
+
+def first_rows(batch: PyTree, num: int, layout) -> PyTree:
+  """The rows a uniform step trains on."""
+  if isinstance(batch, Indexed):
+    return take(batch, jnp.arange(num))
+  return _sharding.first_rows(batch, num, layout)
+
+
+def check_indexed(batch: Indexed, expected: int, layout=None) -> None:
+  """Trace-time checks of an :class:`Indexed` presample of ``expected`` rows."""
+  if layout is not None and layout.mesh is not None:
+    raise ValueError(
+        "jis.Indexed presamples run on one device (mesh=None). With a mesh, "
+        "gather the presample rows yourself and pass them as arrays.")
+  shape = np.shape(batch.index)
+  dtype = jnp.result_type(batch.index)
+  if shape != (expected,) or not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(
+        f"Indexed(data, index): index must be an integer array of shape "
+        f"({expected},), the B = round(presample * batch_size) presampled "
+        f"dataset indices; got {dtype}{list(shape)}.")
+  leaves = jax.tree_util.tree_flatten_with_path(batch.data)[0]
+  if not leaves:
+    raise ValueError("Indexed(data, index): data has no arrays.")
+  sizes = {np.shape(leaf)[:1] for _, leaf in leaves}
+  if len(sizes) != 1 or () in sizes:
+    shapes = {jax.tree_util.keystr(p): np.shape(leaf) for p, leaf in leaves}
+    raise ValueError(
+        "Indexed(data, index): every data leaf must have the same leading "
+        f"dimension, the dataset size N; got {shapes}.")

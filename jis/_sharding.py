@@ -1,0 +1,436 @@
+"""Data parallelism: the presample sharded over the devices of a mesh axis.
+
+The train step stays a global-view program that jit and the GSPMD partitioner
+split over the mesh, so the user's ``train_step`` and ``logits_fn`` run
+unmodified with any parameter sharding (replicated, FSDP, tensor-parallel).
+Only the two places where jis knows the communication pattern better than the
+partitioner are written per device with ``jax.shard_map``:
+
+* ``resample="global"``: the ``B`` scores are all-gathered (``4 B`` bytes per
+  device), every device draws the same ``b`` indices from the global
+  distribution with the same key (the single-device algorithm, bit for bit),
+  and the selected rows are exchanged with one reduce-scatter: each device
+  contributes the selected rows it holds (zeros elsewhere) and receives the
+  ``b / d`` rows it trains on, about ``b`` rows of traffic per device
+  whatever ``B`` is. A naive ``jnp.take`` of a sharded presample lets the
+  partitioner all-gather or all-reduce much more than that.
+* ``resample="local"``: each device draws ``b / d`` of its own ``B / d`` rows
+  with probabilities normalised within its shard and weights
+  ``1 / ((B / d) pᵢ)``. Each shard's weighted mean gradient is then an
+  unbiased estimate of that shard's mean, and the mean over shards (what the
+  data-parallel ``train_step`` computes) an unbiased estimate of the
+  presample's mean (stratified sampling). No example leaves its device.
+
+Everything else (τ, the switch condition, score transforms, metrics) is
+computed in the global view from all ``B`` scores; the partitioner turns the
+reductions into scalar all-reduces, so every device takes the same branch of
+the ``lax.cond``.
+"""
+
+import numbers
+from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jis import _policies
+
+Array = jax.Array
+PyTree = Any
+AxisName = Union[str, Tuple[str, ...]]
+
+RESAMPLE_MODES = ("global", "local")
+
+
+class Layout(NamedTuple):
+  """Where the presample lives and how it is resampled (resolved options).
+
+  Attributes:
+    mesh: the device mesh, or None for one device (no sharding logic at all).
+    axis: the mesh axis name(s) the presample's leading dimension is split on.
+    devices: ``d``, the number of devices along ``axis`` (1 without a mesh).
+    resample: ``"global"`` or ``"local"``.
+    forward_batch_size: examples per scoring forward pass, or None for one
+      pass over the whole presample.
+  """
+  mesh: Optional[Mesh]
+  axis: AxisName
+  devices: int
+  resample: str
+  forward_batch_size: Optional[int]
+
+
+def _axis_tuple(axis: AxisName) -> Tuple[str, ...]:
+  return (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+def resolve_layout(mesh: Optional[Mesh], data_axis: AxisName, resample: str,
+                   presample_size: int, batch_size: int,
+                   forward_batch_size: Optional[int]) -> Layout:
+  """Validates the data-parallel options of ``importance_step`` once."""
+  if resample not in RESAMPLE_MODES:
+    raise ValueError(f"resample must be one of {list(RESAMPLE_MODES)}; got "
+                     f"{resample!r}.")
+  if forward_batch_size is not None and (
+      isinstance(forward_batch_size, bool)
+      or not isinstance(forward_batch_size, numbers.Integral)
+      or forward_batch_size < 1):
+    raise ValueError("forward_batch_size must be None or an int >= 1; got "
+                     f"{forward_batch_size!r}.")
+  big_b, b = presample_size, batch_size
+  f = None if forward_batch_size is None else int(forward_batch_size)
+  if f is not None and big_b % f:
+    raise ValueError(
+        f"forward_batch_size={f} must divide the presample size B={big_b} "
+        f"(round(presample * batch_size)): the presample is scored in B / "
+        f"forward_batch_size equal chunks. Pick a divisor of {big_b}.")
+
+  if mesh is None:
+    if resample == "local":
+      raise ValueError(
+          "resample='local' resamples within each device's shard of the "
+          "presample, so it needs the mesh: pass mesh=jax.make_mesh((n,), "
+          "('data',)) (and data_axis= if your axis has another name).")
+    return Layout(None, data_axis, 1, resample, f)
+
+  if not isinstance(mesh, Mesh):
+    raise TypeError("mesh must be a jax.sharding.Mesh such as "
+                    f"jax.make_mesh((8,), ('data',)); got {type(mesh).__name__}.")
+  if not (isinstance(data_axis, str) or (
+      isinstance(data_axis, (tuple, list))
+      and all(isinstance(a, str) for a in data_axis))):
+    raise TypeError("data_axis must be a mesh axis name or a tuple of names; "
+                    f"got {data_axis!r}.")
+  axes = _axis_tuple(data_axis)
+  missing = [a for a in axes if a not in mesh.axis_names]
+  if not axes or missing:
+    raise ValueError(
+        f"data_axis={data_axis!r} is not an axis of the mesh, whose axes are "
+        f"{list(mesh.axis_names)}. Pass data_axis=<the axis the presample is "
+        "split over>.")
+  d = int(np.prod([mesh.shape[a] for a in axes]))
+  if big_b % d:
+    raise ValueError(
+        f"The presample size B={big_b} is not divisible by the {d} devices on "
+        f"mesh axis {data_axis!r}: every device must score B / {d} examples. "
+        f"Change presample or batch_size so that round(presample * "
+        f"batch_size) is a multiple of {d}.")
+  if b % d:
+    raise ValueError(
+        f"batch_size={b} is not divisible by the {d} devices on mesh axis "
+        f"{data_axis!r}: every device must train on batch_size / {d} "
+        f"examples. Use a batch_size that is a multiple of {d}.")
+  if f is not None and f % d:
+    raise ValueError(
+        f"forward_batch_size={f} is not divisible by the {d} devices on mesh "
+        f"axis {data_axis!r}: each scoring pass gives every device "
+        f"forward_batch_size / {d} examples. Use a multiple of {d}.")
+  return Layout(mesh, data_axis if isinstance(data_axis, str) else axes, d,
+                resample, f)
+
+
+# ------------------------------------------------------------------ placement
+
+
+def _explicit(layout: Layout) -> bool:
+  types = dict(zip(layout.mesh.axis_names, layout.mesh.axis_types))
+  return any(types[a] == AxisType.Explicit for a in _axis_tuple(layout.axis))
+
+
+def _spec(layout: Layout, ndim: int, dim: Optional[int]) -> P:
+  """The spec jit gives back for this placement, so that a state placed with
+  it does not make a second entry in jit's dispatch cache: explicit meshes
+  spell out every dimension, auto meshes drop trailing Nones."""
+  entries = [None] * ndim
+  if dim is not None:
+    entries[dim] = layout.axis
+  if not _explicit(layout):
+    while entries and entries[-1] is None:
+      entries.pop()
+  return P(*entries)
+
+
+def _is_tracer(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _constrain(x: Array, layout: Layout, dim: Optional[int]) -> Array:
+  """``x`` split over the data axis along ``dim``, or replicated (None)."""
+  if layout.mesh is None:
+    return x
+  ndim = np.ndim(x)
+  if _explicit(layout):
+    # In explicit mode shardings are types; keep what other axes (a "model"
+    # axis) already shard, and only move the data axis.
+    current = list(jax.typeof(x).sharding.spec) if dim is not None else []
+    current += [None] * (ndim - len(current))
+    spec = [None] * ndim
+    if dim is not None:
+      spec[dim + 1:] = current[dim + 1:]
+      spec[dim] = layout.axis
+    return jax.sharding.reshard(x, NamedSharding(layout.mesh, P(*spec)))
+  if dim is None:
+    spec = P()
+  else:
+    spec = P(*([None] * dim + [layout.axis]
+               + [P.UNCONSTRAINED] * (ndim - dim - 1)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
+
+
+def constrain(tree: PyTree, layout: Layout, dim: Optional[int]) -> PyTree:
+  """Every leaf of ``tree`` split over the data axis along ``dim`` (None:
+  replicated); the identity without a mesh."""
+  if layout.mesh is None:
+    return tree
+  return jax.tree.map(lambda x: _constrain(x, layout, dim), tree)
+
+
+def _put(x, layout: Layout, dim: Optional[int]):
+  if _is_tracer(x):
+    return _constrain(x, layout, dim)
+  if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    # device_put cannot place a typed key on other processes' devices (jax
+    # 0.10); its uint32 data it can.
+    data = jax.random.key_data(x)
+    data = jax.device_put(data, NamedSharding(
+        layout.mesh, _spec(layout, data.ndim, dim)))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  # With several processes, device_put checks that they all pass equal values.
+  return jax.device_put(x, NamedSharding(layout.mesh,
+                                         _spec(layout, np.ndim(x), dim)))
+
+
+def place(tree: PyTree, layout: Layout, dim: Optional[int]) -> PyTree:
+  """Like :func:`constrain`, outside jit too (``jax.device_put``)."""
+  if layout.mesh is None:
+    return tree
+  return jax.tree.map(lambda x: _put(x, layout, dim), tree)
+
+
+def place_train_state(tree: PyTree, layout: Layout) -> PyTree:
+  """Replicates the leaves of the user's state that are not yet on the mesh.
+
+  Leaves the user already placed on the mesh (replicated or sharded, FSDP or
+  tensor-parallel) keep their sharding.
+  """
+  if layout.mesh is None:
+    return tree
+
+  def put(x):
+    if _is_tracer(x) or not isinstance(x, jax.Array):
+      return x
+    sharding = x.sharding
+    if isinstance(sharding, NamedSharding) and sharding.mesh == layout.mesh:
+      return x
+    return _put(x, layout, None)
+  return jax.tree.map(put, tree)
+
+
+def shard_presample(batch: PyTree, mesh: Mesh,
+                    data_axis: AxisName = "data") -> PyTree:
+  """A global presample, split over ``data_axis``, from this process's rows.
+
+  With one process ``batch`` is the whole presample and this is a
+  ``jax.device_put``. With several (``jax.distributed``), each process passes
+  its own ``B / jax.process_count()`` rows and the result is one global
+  ``jax.Array`` per leaf (by ``jax.make_array_from_process_local_data``)
+  whose leading dimension is ``B``: pass it to the jitted ``step`` as on one
+  device. A process's rows become the block its devices hold; with
+  ``jax.make_mesh``, whose devices are ordered by process, process ``i``'s
+  rows are rows ``[i B / P, (i + 1) B / P)`` of the global presample.
+
+  Args:
+    batch: a pytree of process-local arrays with a common leading dimension.
+    mesh: the device mesh the sampler was built with.
+    data_axis: the mesh axis (or axes) the presample is split over.
+
+  Returns:
+    The same pytree of global arrays sharded ``P(data_axis)`` on ``mesh``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import jis
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    >>> batch = jis.shard_presample(
+    ...     {"x": jnp.ones((16, 3)), "label": jnp.arange(16) % 2}, mesh)
+    >>> batch["x"].shape, batch["x"].sharding.spec
+    ((16, 3), P('data',))
+    >>> def train_step(params, batch, weights):
+    ...   def loss_fn(p):
+    ...     losses = optax.softmax_cross_entropy_with_integer_labels(
+    ...         batch["x"] @ p, batch["label"])
+    ...     return jnp.mean(weights * losses)
+    ...   return params - 0.1 * jax.grad(loss_fn)(params), {}
+    >>> sampler = jis.importance_step(
+    ...     train_step, lambda params, batch: batch["x"] @ params,
+    ...     batch_size=8, presample=2.0, tau_threshold=0.0, mesh=mesh)
+    >>> state = sampler.init(jnp.zeros((3, 2)), jax.random.key(0))
+    >>> state, metrics = jax.jit(sampler.step)(state, batch)
+    >>> int(state.step), state.inner.sharding.is_fully_replicated
+    (1, True)
+  """
+  axis = data_axis if isinstance(data_axis, str) else tuple(data_axis)
+  sharding = NamedSharding(mesh, P(axis))
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+# ------------------------------------------------------------------ per device
+
+
+def _shard_map(layout: Layout, fn: Callable, in_specs, out_specs):
+  # Manual only over the data axis: other mesh axes stay under the
+  # partitioner's control.
+  mapped = jax.shard_map(fn, mesh=layout.mesh, in_specs=in_specs,
+                         out_specs=out_specs,
+                         axis_names=set(_axis_tuple(layout.axis)))
+
+  def call(*args):
+    # Explicit meshes require the inputs to arrive as in_specs say; a
+    # presample placed otherwise is moved (a no-op when it already is).
+    return mapped(*(constrain(arg, layout, None if spec == P() else 0)
+                    for arg, spec in zip(args, in_specs)))
+  return call
+
+
+def exchange_rows(batch: PyTree, indices: Array, layout: Layout) -> PyTree:
+  """``batch[indices]`` split over the data axis, by one reduce-scatter.
+
+  ``indices`` (``[b]``, the same on every device) are global positions in the
+  presample; every device gathers the selected rows it holds, zeros the rest,
+  and ``psum_scatter`` sums the ``d`` partial ``[b, ...]`` arrays and hands
+  each device its ``b / d`` rows. Exactly one device holds each row, so the
+  sum adds zeros to it: the rows arrive unchanged.
+  """
+  axis = layout.axis
+
+  def per_device(batch, indices):
+    n = jax.tree.leaves(batch)[0].shape[0]
+    local = indices - jax.lax.axis_index(axis) * n
+    mine = (local >= 0) & (local < n)
+    safe = jnp.clip(local, 0, n - 1)
+
+    def one(x):
+      rows = jnp.take(x, safe, axis=0)
+      keep = mine.reshape((-1,) + (1,) * (rows.ndim - 1))
+      as_sum = rows.astype(jnp.int32) if rows.dtype == jnp.bool_ else rows
+      rows = jnp.where(keep, as_sum, jnp.zeros_like(as_sum))
+      rows = jax.lax.psum_scatter(rows, axis, scatter_dimension=0, tiled=True)
+      return rows.astype(x.dtype)
+    return jax.tree.map(one, batch)
+  return _shard_map(layout, per_device, (P(axis), P()), P(axis))(batch, indices)
+
+
+def first_rows(batch: PyTree, num: int, layout: Layout) -> PyTree:
+  """The examples a uniform step trains on.
+
+  One device and ``"global"``: the first ``num`` examples of the presample
+  (the single-device algorithm; on a mesh a few collective-permutes move them
+  to the devices that train on them). ``"local"``: the first ``num / d`` of
+  every device's shard, which moves nothing.
+  """
+  if layout.mesh is None:
+    return jax.tree.map(lambda x: x[:num], batch)
+  if layout.resample == "global":
+    return constrain(jax.tree.map(lambda x: x[:num], batch), layout, 0)
+  per = num // layout.devices
+  return _shard_map(layout, lambda batch: jax.tree.map(lambda x: x[:per], batch),
+                    (P(layout.axis),), P(layout.axis))(batch)
+
+
+def init_policy(policy, presample_size: int, batch_size: int,
+                layout: Layout) -> PyTree:
+  """The policy's state; with ``"local"``, one per device, stacked on axis 0."""
+  if layout.resample != "local":
+    return policy.init(presample_size, batch_size)
+  d = layout.devices
+  state = policy.init(presample_size // d, batch_size // d)
+  return jax.tree.map(
+      lambda x: jnp.broadcast_to(jnp.asarray(x), (d,) + np.shape(x)), state)
+
+
+def policy_sharding_dim(layout: Layout) -> Optional[int]:
+  """Axis of the policy state split over the devices (None: replicated)."""
+  return 0 if layout.resample == "local" else None
+
+
+def select(policy, key: Array, scores: Array, policy_state: PyTree,
+           batch: PyTree, batch_size: int, layout: Layout):
+  """Draws ``batch_size`` examples; returns ``(selection, selected batch)``.
+
+  The selection's ``indices`` are global presample positions, replicated (they
+  feed metrics only); its ``weights`` are split like the selected batch.
+  """
+  if layout.mesh is None:
+    sel = policy.select(key, scores, policy_state, batch_size)
+    return sel, jax.tree.map(lambda x: jnp.take(x, sel.indices, axis=0), batch)
+  if layout.resample == "global":
+    scores = constrain(scores, layout, None)          # all-gather of 4B bytes
+    sel = policy.select(key, scores, policy_state, batch_size)
+    indices = constrain(sel.indices, layout, None)
+    sub = exchange_rows(batch, indices, layout)
+    weights = constrain(jnp.asarray(sel.weights, jnp.float32), layout, 0)
+    return sel._replace(indices=indices, weights=weights), sub
+
+  axis, d = layout.axis, layout.devices
+
+  def per_device(key, scores, policy_state, batch):
+    shard = jax.lax.axis_index(axis)
+    key = jax.random.fold_in(key, shard)
+    # The global scores are usable (jis checked them); a shard may still be
+    # all zeros, and then any distribution over it is unbiased: use uniform.
+    scores = jnp.where(jnp.max(scores) > 0, scores, jnp.ones_like(scores))
+    state = jax.tree.map(lambda x: x[0], policy_state)
+    sel = policy.select(key, scores, state, batch_size // d)
+    sub = jax.tree.map(lambda x: jnp.take(x, sel.indices, axis=0), batch)
+    n = scores.shape[0]
+    return (sub, jnp.asarray(sel.weights, jnp.float32),
+            sel.indices + shard * n, sel.probs / d,
+            jax.tree.map(lambda x: x[None], sel.state))
+
+  sub, weights, indices, probs, state = _shard_map(
+      layout, per_device, (P(), P(axis), P(axis), P(axis)), P(axis))(
+          key, scores, policy_state, batch)
+  sel = _policies.Selection(indices=constrain(indices, layout, None),
+                            weights=weights, probs=probs, state=state)
+  return sel, sub
+
+
+def observe(policy, scores: Array, policy_state: PyTree, layout: Layout):
+  """``policy.observe`` on a uniform step (per device with ``"local"``)."""
+  if layout.resample != "local":
+    return policy.observe(scores, policy_state)
+
+  def per_device(scores, policy_state):
+    state = jax.tree.map(lambda x: x[0], policy_state)
+    return jax.tree.map(lambda x: x[None], policy.observe(scores, state))
+  return _shard_map(layout, per_device, (P(layout.axis), P(layout.axis)),
+                    P(layout.axis))(scores, policy_state)
+
+
+def score_in_chunks(score_fn: Callable[[PyTree], Array], batch: PyTree,
+                    layout: Layout) -> Array:
+  """``score_fn(batch)``, evaluated ``forward_batch_size`` examples at a time.
+
+  Chunk ``j`` holds examples ``j, j + c, j + 2c, …`` (``c`` chunks): with the
+  presample split in ``d`` consecutive blocks, every chunk then takes
+  ``forward_batch_size / d`` examples from each device, so each device scores
+  its own rows in ``c`` passes of ``forward_batch_size / d`` and nothing moves
+  between devices. Scores are per example, so chunking changes no value.
+  """
+  n = jax.tree.leaves(batch)[0].shape[0]
+  f = layout.forward_batch_size
+  if f is None or f >= n:
+    return score_fn(batch)
+  c = n // f
+
+  def split(x):
+    chunks = jnp.swapaxes(x.reshape((f, c) + x.shape[1:]), 0, 1)
+    return _constrain(chunks, layout, 1)
+  scores = jax.lax.map(score_fn, jax.tree.map(split, batch))   # [c, f]
+  return _constrain(jnp.swapaxes(scores, 0, 1).reshape(n), layout, 0)

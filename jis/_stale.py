@@ -1,0 +1,272 @@
+"""Stale per-example scores: a score table over the dataset, carried in the state.
+
+Importance sampling pays a forward pass over the ``B`` presampled examples at
+every resampling step. When the dataset is small enough to keep one float per
+example, the latest score of every example can be kept instead and the
+presample scored by looking it up: no forward pass, a gather of ``B`` floats.
+The examples a step trains on are rescored as it trains (for free when the
+``train_step`` hands back its logits under ``"is/logits"``), so the scores of
+the examples that matter most stay fresh. This is the history/cache sampling
+of the original library (``HistorySampler``, ``CacheSampler``) and StaleSB
+(Jiang et al. 2019), which refreshes the losses with forward passes only every
+few epochs.
+"""
+
+import numbers
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jis import _indexed
+
+Array = jax.Array
+PyTree = Any
+
+
+class TableState(NamedTuple):
+  """The score table, a pytree in ``ImportanceState.table``.
+
+  Attributes:
+    scores: ``[N]`` float32, the latest raw (untransformed) score of every
+      example.
+    scored_at: ``[N]`` int32, the step at which it was computed; -1 never.
+  """
+  scores: Array
+  scored_at: Array
+
+
+class ScoreTable(NamedTuple):
+  """A table of stale per-example scores (see :func:`stale_scores`).
+
+  Attributes:
+    init: ``() -> TableState``.
+    index: ``batch -> [B]`` int dataset indices of the presample.
+    fresh: ``step -> bool``, whether a step scores its presample with a
+      forward pass (and writes the scores to the table); None: never, and no
+      presample forward pass is traced at all.
+    lookup: ``(table, indices [n], step) -> (scores [n], scored [n])``: the
+      stale scores, the examples without a valid score (``scored`` False)
+      filled in.
+    write: ``(table, indices [n], scores [n], step) -> table``.
+  """
+  init: Callable[[], TableState]
+  index: Callable[[PyTree], Array]
+  fresh: Optional[Callable[[Array], Array]]
+  lookup: Callable[[TableState, Array, Array], tuple]
+  write: Callable[[TableState, Array, Array, Array], TableState]
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+      or value < minimum:
+    raise ValueError(f"stale_scores({name}) must be an int >= {minimum}; got "
+                     f"{value!r}.")
+
+
+def _index_getter(index_key):
+  if callable(index_key):
+    return index_key
+
+  def get(batch):
+    if isinstance(batch, _indexed.Indexed):
+      return batch.index
+    if isinstance(batch, Mapping) and index_key in batch:
+      return batch[index_key]
+    keys = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
+    raise ValueError(
+        f"stale_scores looks up each presampled example's score by its dataset "
+        f"index in batch[{index_key!r}], but the batch has no such entry (it has "
+        f"{keys}). Add the indices to every batch, pass index_key=<their key>, "
+        "or pass the presample as jis.Indexed(dataset, indices).")
+  return get
+
+
+def stale_scores(num_examples: int, *, refresh_every: int = 0,
+                 refresh_steps: int = 1, max_age: Optional[int] = None,
+                 index_key: Union[str, Callable[[PyTree], Array]] = "index"
+                 ) -> ScoreTable:
+  """Scores the presample from a table of every example's latest score.
+
+  Pass it as ``jis.importance_step(..., score_table=jis.stale_scores(N))``.
+  Every batch then carries the dataset index of each presampled example
+  (``batch["index"]``, or the presample is a :class:`jis.Indexed`), and a
+  resampling step does, instead of the presample forward pass::
+
+      s = table[index]                  # B stale scores, no forward pass
+      s[never scored] = mean(table[scored])      # 1.0 before any is scored
+      ... transforms, policy, train_step on the selected b, as usual ...
+      table[index[selected]] = score(trained examples)   # refresh them
+
+  The refreshed scores come from the logits the ``train_step`` hands back
+  under ``"is/logits"`` (free: they are the train-mode logits of its forward
+  pass) or else from ``logits_fn`` on the ``b`` trained examples (a forward
+  pass of ``b``, a third of a training step). Uniform steps write the scores
+  they compute for τ in the same way.
+
+  With ``refresh_every = R > 0``, the steps ``t`` with ``t mod R <
+  refresh_steps`` score the whole presample with a forward pass and write all
+  ``B`` scores (step 0 is one of them). StaleSB, a fresh selection pass every
+  ``n`` epochs, is ``refresh_every = n · steps_per_epoch``, ``refresh_steps =
+  steps_per_epoch``. The original library's ``HistorySampler`` (sample the
+  whole dataset from its last losses) is a presample of every index,
+  ``jis.Indexed(dataset, jnp.arange(N))``.
+
+  Costs: the table holds ``8 N`` bytes (a float32 score and an int32 step per
+  example) in the state, donated and updated in place with the state; each
+  step reads ``B`` entries, writes ``b`` (or ``B`` on fresh steps), and
+  reduces the table once to fill unscored entries (``O(N)``, far below a
+  forward pass for ``N`` up to millions). Indices must lie in ``[0, N)``: a
+  lookup outside reads NaN, which makes the step fall back to uniform scores
+  (``is/fallback = 1``). The table runs on one device (``mesh=None``) for
+  now.
+
+  Args:
+    num_examples: ``N``, the dataset size.
+    refresh_every: ``R ≥ 0``; 0 (default) never makes a presample forward
+      pass, and none is traced.
+    refresh_steps: ``1 ≤ refresh_steps ≤ R``, consecutive fresh steps per
+      period.
+    max_age: if set, scores older than ``max_age`` steps count as unscored
+      (like the original ``CacheSampler``'s ``staleness``).
+    index_key: the batch key holding the dataset indices, or a callable
+      ``batch -> [B]``; ignored for :class:`jis.Indexed` presamples.
+
+  Returns:
+    A :class:`ScoreTable`. The step adds ``is/fresh`` (1 when it scored its
+    presample with a forward pass), ``is/score_age`` (mean age in steps of the
+    table scores it sampled from) and ``is/unscored`` (fraction of the
+    presample that had no valid score) to its metrics.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jis
+    >>> table = jis.stale_scores(5)
+    >>> state = table.write(table.init(), jnp.array([1, 3]), jnp.array([2.0, 4.0]), 0)
+    >>> scores, scored = table.lookup(state, jnp.array([0, 1, 3]), 1)
+    >>> scores, scored   # example 0 is unscored: the mean of the others
+    (Array([3., 2., 4.], dtype=float32), Array([False,  True,  True], dtype=bool))
+  """
+  _check_int("num_examples", num_examples, 1)
+  _check_int("refresh_every", refresh_every, 0)
+  _check_int("refresh_steps", refresh_steps, 1)
+  if refresh_every and refresh_steps > refresh_every:
+    raise ValueError(
+        f"stale_scores(refresh_steps={refresh_steps}) must be at most "
+        f"refresh_every={refresh_every}: it is the number of fresh steps in "
+        "every period of refresh_every steps.")
+  if max_age is not None:
+    _check_int("max_age", max_age, 0)
+  if not (isinstance(index_key, str) or callable(index_key)):
+    raise TypeError("stale_scores(index_key) must be a batch key or a callable "
+                    f"batch -> indices; got {type(index_key).__name__}.")
+  n = int(num_examples)
+
+  def init():
+    return TableState(jnp.ones((n,), jnp.float32), jnp.full((n,), -1, jnp.int32))
+
+  def valid(scored_at, step):
+    ok = scored_at >= 0
+    if max_age is not None:
+      ok &= (jnp.asarray(step, jnp.int32) - scored_at) <= max_age
+    return ok
+
+  def lookup(table, indices, step):
+    ok = valid(table.scored_at, step)
+    count = jnp.sum(ok)
+    fill = jnp.where(count > 0,
+                     jnp.sum(jnp.where(ok, table.scores, 0.0))
+                     / jnp.maximum(count, 1).astype(jnp.float32), 1.0)
+    scores = jnp.take(table.scores, indices, mode="fill", fill_value=jnp.nan)
+    scored = jnp.take(ok, indices, mode="fill", fill_value=True)
+    return jnp.where(scored, scores, fill), scored
+
+  def write(table, indices, scores, step):
+    # One write per example: of duplicated indices (sampling with replacement)
+    # the first wins, so the result does not depend on scatter order.
+    order = jnp.argsort(indices, stable=True)
+    ordered = indices[order]
+    first = jnp.concatenate([jnp.ones((1,), bool), ordered[1:] != ordered[:-1]])
+    target = jnp.where(first, ordered, n)  # n is out of bounds: dropped
+    step = jnp.broadcast_to(jnp.asarray(step, jnp.int32), target.shape)
+    return TableState(
+        table.scores.at[target].set(
+            jnp.asarray(scores, jnp.float32)[order], mode="drop"),
+        table.scored_at.at[target].set(step, mode="drop"))
+
+  fresh = None
+  if refresh_every:
+    fresh = lambda step: (jnp.asarray(step) % refresh_every) < refresh_steps
+
+  return ScoreTable(init, _index_getter(index_key), fresh, lookup, write)
+
+
+def check_index(index: Array, expected: int) -> None:
+  shape, dtype = np.shape(index), jnp.result_type(index)
+  if shape != (expected,) or not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(
+        f"stale_scores needs one integer dataset index per presampled example, "
+        f"shape ({expected},); got {dtype}{list(shape)}.")
+
+
+def presample_scores(table: ScoreTable, state: TableState, batch: PyTree,
+                     step: Array, score_presample: Callable[[], Array]):
+  """The presample's scores: looked up, or computed on the fresh steps.
+
+  Returns ``(scores [B], table state, fresh, metrics)``; ``fresh`` is a traced
+  bool, or the Python ``False`` when the table is never refreshed.
+  """
+  index = table.index(batch)
+  check_index(index, _indexed.presample_size(batch))
+
+  def stale():
+    scores, scored = table.lookup(state, index, step)
+    age = jnp.asarray(step, jnp.int32) - jnp.take(state.scored_at, index,
+                                                   mode="fill", fill_value=0)
+    age = jnp.where(scored, age, 0).astype(jnp.float32)
+    metrics = {
+        "is/fresh": jnp.zeros((), jnp.float32),
+        "is/score_age": jnp.sum(age) / jnp.maximum(jnp.sum(scored), 1),
+        "is/unscored": 1.0 - jnp.mean(scored.astype(jnp.float32)),
+    }
+    return scores, state, metrics
+
+  def fresh():
+    scores = score_presample()
+    metrics = {"is/fresh": jnp.ones((), jnp.float32),
+               "is/score_age": jnp.zeros((), jnp.float32),
+               "is/unscored": jnp.zeros((), jnp.float32)}
+    return scores, table.write(state, index, scores, step), metrics
+
+  if table.fresh is None:
+    scores, state, metrics = stale()
+    return scores, state, False, metrics
+  is_fresh = jnp.asarray(table.fresh(step))
+  scores, state, metrics = jax.lax.cond(is_fresh, fresh, stale)
+  return scores, state, is_fresh, metrics
+
+
+def refresh(table: ScoreTable, state: TableState, index: Array, step: Array,
+            fresh, score_trained: Callable[[], Array]) -> TableState:
+  """Writes the trained examples' scores, except on fresh steps (already written)."""
+  def write():
+    return table.write(state, index, score_trained(), step)
+  if fresh is False:
+    return write()
+  return jax.lax.cond(fresh, lambda: state, write)
+
+
+def uniform_metrics() -> dict:
+  """The table metrics of a uniform step (scores computed, nothing looked up)."""
+  zero = jnp.zeros((), jnp.float32)
+  return {"is/fresh": zero, "is/score_age": zero, "is/unscored": zero}
+
+
+def trained_index(table: ScoreTable, batch: PyTree, rows: PyTree,
+                  positions: Array) -> Array:
+  """Dataset indices of the trained ``rows`` (at presample ``positions``)."""
+  if isinstance(batch, _indexed.Indexed):
+    return jnp.take(batch.index, positions, axis=0)
+  # Read from the rows themselves: right whatever layout gathered them.
+  return table.index(rows)

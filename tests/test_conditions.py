@@ -1,0 +1,161 @@
+"""Switch conditions: they turn resampling on at the step their formula says."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jis
+
+DIM, CLASSES = 3, 2
+BIG_B, B = 8, 4
+
+
+def _train_step(params, batch, weights):
+  def loss_fn(p):
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        batch["x"] @ p, batch["label"])
+    return jnp.mean(weights * losses)
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  return params - 0.1 * grads, {"loss": loss}
+
+
+def _given_scores(logits, labels, batch):
+  """A score read from the batch, so a numpy simulation knows every score."""
+  return batch["s"]
+
+
+def _batches(score_rows):
+  rng = np.random.default_rng(0)
+  n = len(score_rows)
+  return {"x": jnp.asarray(rng.normal(size=(n, BIG_B, DIM)), jnp.float32),
+          "label": jnp.asarray(rng.integers(0, CLASSES, (n, BIG_B))),
+          "s": jnp.asarray(score_rows, jnp.float32)}
+
+
+def _run(condition, score_rows):
+  """is/active of every step, under lax.scan."""
+  sampler = jis.importance_step(_train_step, lambda p, batch: batch["x"] @ p,
+                                batch_size=B, presample=BIG_B / B,
+                                score=_given_scores, condition=condition)
+  state = sampler.init(jnp.zeros((DIM, CLASSES)), jax.random.key(0))
+  _, metrics = jax.jit(lambda s, bs: jax.lax.scan(sampler.step, s, bs))(
+      state, _batches(score_rows))
+  return np.asarray(metrics["is/active"]), metrics
+
+
+def _numpy_tv(s):
+  s = np.asarray(s, np.float64)
+  return 0.5 * np.abs(s / s.sum() - 1.0 / len(s)).sum()
+
+
+def _numpy_tau(s):
+  g = np.asarray(s, np.float64)
+  g = g / g.sum()
+  u = 1.0 / len(g)
+  return 1.0 / np.sqrt(1.0 - ((g - u) ** 2).sum() / (g ** 2).sum())
+
+
+def _simulate(statistic, threshold, momentum, score_rows):
+  """The original library's EMA condition, with jis's choice of scores: all B
+  presample scores on resampling steps, the b trained ones otherwise."""
+  value, active = 0.0, []
+  for s in score_rows:
+    on = value > threshold or threshold == 0
+    active.append(float(on))
+    used = s if on else s[:B]
+    value = momentum * value + (1 - momentum) * statistic(used)
+  return np.array(active)
+
+
+def _score_rows(seed, steps=14):
+  """Nearly uniform scores, then skewed ones, then nearly uniform again."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for t in range(steps):
+    skew = 3.0 if 4 <= t < 9 else 0.1
+    rows.append(np.exp(skew * rng.normal(size=BIG_B)))
+  return np.array(rows)
+
+
+@pytest.mark.parametrize("steps", [0, 1, 5])
+def test_warmup_switches_on_exactly_at_step_n(steps):
+  active, _ = _run(jis.warmup(steps), _score_rows(0, steps=8))
+  np.testing.assert_array_equal(active, (np.arange(8) >= steps).astype(float))
+
+
+def test_always_and_never():
+  rows = _score_rows(1, steps=4)
+  np.testing.assert_array_equal(_run(jis.always(), rows)[0], np.ones(4))
+  np.testing.assert_array_equal(_run(jis.never(), rows)[0], np.zeros(4))
+
+
+@pytest.mark.parametrize("threshold, momentum", [(0.25, 0.5), (0.15, 0.0)])
+def test_total_variation_switches_when_numpy_says(threshold, momentum):
+  rows = _score_rows(2)
+  active, _ = _run(jis.when_total_variation(threshold, momentum), rows)
+  expected = _simulate(_numpy_tv, threshold, momentum, rows)
+  assert 0 < expected.sum() < len(rows)   # it does switch, on and off
+  np.testing.assert_array_equal(active, expected)
+
+
+@pytest.mark.parametrize("threshold, momentum", [(1.3, 0.5), (1.6, 0.2)])
+def test_variance_reduction_switches_when_numpy_says(threshold, momentum):
+  rows = _score_rows(3)
+  active, metrics = _run(jis.when_variance_reduced(threshold, momentum), rows)
+  expected = _simulate(_numpy_tau, threshold, momentum, rows)
+  assert 0 < expected.sum() < len(rows)
+  np.testing.assert_array_equal(active, expected)
+  # This step's τ is the formula of the scores the step used.
+  used = [s if on else s[:B] for s, on in zip(rows, expected)]
+  np.testing.assert_allclose(metrics["is/variance_reduction"],
+                             [_numpy_tau(s) for s in used], rtol=1e-5)
+
+
+def test_total_variation_matches_numpy():
+  rng = np.random.default_rng(4)
+  for n in (2, 7, 50):
+    s = rng.exponential(size=n)
+    assert float(jis.total_variation(jnp.asarray(s))) == pytest.approx(
+        _numpy_tv(s), rel=1e-5)
+  assert float(jis.total_variation(jnp.zeros(4))) == 0.0
+
+
+def test_condition_update_is_the_ema_of_the_statistic():
+  cond = jis.when_total_variation(0.3, momentum=0.8)
+  state = cond.init(BIG_B, B)
+  value = 0.0
+  for s in _score_rows(5, steps=5):
+    state = cond.update(state, jnp.asarray(s, jnp.float32), 0)
+    value = 0.8 * value + 0.2 * _numpy_tv(s)
+    assert float(state.value) == pytest.approx(value, rel=1e-5)
+    assert bool(cond.active(state, 0)) == (value > 0.3)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: jis.warmup(2), jis.always, jis.never,
+    lambda: jis.when_total_variation(0.2), lambda: jis.when_variance_reduced(1.01),
+], ids=["warmup", "always", "never", "total_variation", "variance_reduced"])
+def test_every_condition_compiles_once(make):
+  sampler = jis.importance_step(_train_step, lambda p, batch: batch["x"] @ p,
+                                batch_size=B, presample=BIG_B / B,
+                                score=_given_scores, condition=make())
+  step = jax.jit(sampler.step)
+  state = sampler.init(jnp.zeros((DIM, CLASSES)), jax.random.key(0))
+  batches = _batches(_score_rows(6, steps=5))
+  for t in range(5):
+    state, _ = step(state, jax.tree.map(lambda x: x[t], batches))
+  assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: jis.warmup(-1), r"warmup\(steps\)"),
+    (lambda: jis.warmup(2.5), r"warmup\(steps\)"),
+    (lambda: jis.when_total_variation(None), r"when_total_variation\(threshold\)"),
+    (lambda: jis.when_total_variation(0.2, momentum=1.0), r"momentum"),
+    (lambda: jis.when_variance_reduced(-1.0), r"threshold"),
+])
+def test_bad_arguments_are_refused(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()

@@ -1,0 +1,353 @@
+"""Stale per-example scores: the table, its refreshes, and the forward passes saved."""
+
+import jax
+import jax.extend.core as jex
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jis
+
+LR = 0.5
+DIM, CLASSES = 5, 3
+N, BIG_B, B = 30, 12, 4
+
+
+def _train_step(params, batch, weights):
+  def loss_fn(p):
+    logits = batch["x"] @ p
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return jnp.mean(weights * losses), logits
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  # "trained" tells the test which dataset examples the step trained on.
+  return params - LR * grads, {"loss": loss, "is/logits": logits,
+                               "trained": batch["index"]}
+
+
+def _train_step_without_logits(params, batch, weights):
+  params, metrics = _train_step(params, batch, weights)
+  del metrics["is/logits"]
+  return params, metrics
+
+
+def _logits(params, batch):
+  return batch["x"] @ params
+
+
+def _dataset(seed=0):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  return {"x": jax.random.normal(kx, (N, DIM)),
+          "label": jax.random.randint(ky, (N,), 0, CLASSES),
+          "index": jnp.arange(N)}
+
+
+def _params(seed=1):
+  return 0.5 * jax.random.normal(jax.random.key(seed), (DIM, CLASSES))
+
+
+def _indices(seed, n=BIG_B):
+  return jax.random.choice(jax.random.key(100 + seed), N, (n,), replace=False)
+
+
+def _numpy_upper_bound(params, data, idx):
+  idx = np.asarray(idx)
+  z = np.asarray(data["x"], np.float64)[idx] @ np.asarray(params, np.float64)
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  p[np.arange(len(idx)), np.asarray(data["label"])[idx]] -= 1
+  return np.linalg.norm(p, axis=1)
+
+
+def _sampler(table=None, train_step=_train_step, **kw):
+  kw.setdefault("tau_threshold", 0.0)
+  return jis.importance_step(train_step, _logits, batch_size=B,
+                             presample=BIG_B / B,
+                             score_table=table or jis.stale_scores(N), **kw)
+
+
+# ---------------------------------------------------------------- the table
+
+
+def test_write_keeps_the_first_of_duplicates_and_lookup_fills_the_unscored():
+  table = jis.stale_scores(6)
+  state = table.write(table.init(), jnp.array([4, 1, 4, 2]),
+                      jnp.array([1.0, 2.0, 9.0, 6.0]), 7)
+  np.testing.assert_array_equal(state.scores, [1, 2, 6, 1, 1, 1])
+  np.testing.assert_array_equal(state.scored_at, [-1, 7, 7, -1, 7, -1])
+  scores, scored = table.lookup(state, jnp.array([0, 1, 2, 4, 5]), 8)
+  np.testing.assert_allclose(scores, [3.0, 2.0, 6.0, 1.0, 3.0])  # mean of 2, 6, 1
+  np.testing.assert_array_equal(scored, [False, True, True, True, False])
+  scores, scored = table.lookup(table.init(), jnp.array([0, 3]), 0)
+  np.testing.assert_array_equal(scores, [1.0, 1.0])   # nothing scored: uniform
+  assert not np.any(scored)
+
+
+def test_max_age_expires_old_scores():
+  table = jis.stale_scores(4, max_age=2)
+  state = table.write(table.init(), jnp.array([0]), jnp.array([5.0]), 0)
+  state = table.write(state, jnp.array([1]), jnp.array([1.0]), 3)
+  scores, scored = table.lookup(state, jnp.array([0, 1]), 4)
+  np.testing.assert_array_equal(scored, [False, True])   # age 4 > 2; age 1
+  np.testing.assert_allclose(scores, [1.0, 1.0])
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: jis.stale_scores(0), r"num_examples"),
+    (lambda: jis.stale_scores(10, refresh_every=-1), r"refresh_every"),
+    (lambda: jis.stale_scores(10, refresh_every=2, refresh_steps=3), r"refresh_steps"),
+    (lambda: jis.stale_scores(10, max_age=-2), r"max_age"),
+])
+def test_bad_arguments_are_refused(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+# ---------------------------------------------------------------- in the step
+
+
+@pytest.mark.parametrize("train_step", [_train_step, _train_step_without_logits],
+                         ids=["train_logits", "forward_of_b"])
+def test_trained_examples_are_refreshed_and_the_others_untouched(train_step):
+  data, params = _dataset(), _params()
+  sampler = _sampler(train_step=train_step)
+  step = jax.jit(sampler.step)
+  state = sampler.init(params, jax.random.key(0))
+  table0 = state.table
+  for t in range(3):
+    before = state
+    state, metrics = step(state, jis.Indexed(data, _indices(t)))
+    trained = np.unique(np.asarray(metrics["trained"]))
+    others = np.setdiff1d(np.arange(N), trained)
+    np.testing.assert_allclose(state.table.scores[trained],
+                               _numpy_upper_bound(before.inner, data, trained),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(state.table.scored_at[trained], t)
+    np.testing.assert_array_equal(state.table.scores[others],
+                                  before.table.scores[others])
+    np.testing.assert_array_equal(state.table.scored_at[others],
+                                  before.table.scored_at[others])
+    assert float(metrics["is/fresh"]) == 0.0
+  assert np.any(state.table.scored_at != table0.scored_at)
+
+
+def test_unscored_fraction_and_age_metrics():
+  data = _dataset()
+  sampler = _sampler()
+  step = jax.jit(sampler.step)
+  state = sampler.init(_params(), jax.random.key(0))
+  state, metrics = step(state, jis.Indexed(data, _indices(0)))
+  assert float(metrics["is/unscored"]) == 1.0   # nothing scored yet
+  scored_at = np.asarray(state.table.scored_at)
+  idx = np.asarray(_indices(1))
+  state, metrics = step(state, jis.Indexed(data, jnp.asarray(idx)))
+  seen = scored_at[idx] >= 0
+  assert float(metrics["is/unscored"]) == pytest.approx(1 - seen.mean())
+  if seen.any():
+    assert float(metrics["is/score_age"]) == pytest.approx(1.0)  # scored at step 0
+
+
+def test_fresh_steps_score_the_whole_presample():
+  data, params = _dataset(), _params()
+  sampler = _sampler(jis.stale_scores(N, refresh_every=3))
+  step = jax.jit(sampler.step)
+  state = sampler.init(params, jax.random.key(0))
+  fresh = []
+  for t in range(6):
+    before = state
+    idx = _indices(t)
+    state, metrics = step(state, jis.Indexed(data, idx))
+    fresh.append(float(metrics["is/fresh"]))
+    if t % 3 == 0:
+      np.testing.assert_allclose(state.table.scores[idx],
+                                 _numpy_upper_bound(before.inner, data, idx),
+                                 rtol=1e-5)
+      np.testing.assert_array_equal(state.table.scored_at[idx], t)
+  assert fresh == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+  assert step._cache_size() == 1
+
+
+def test_uniform_steps_write_the_scores_they_compute():
+  data, params = _dataset(), _params()
+  sampler = _sampler(tau_threshold=float("inf"))
+  idx = _indices(0)
+  state, metrics = jax.jit(sampler.step)(sampler.init(params, jax.random.key(0)),
+                                         jis.Indexed(data, idx))
+  assert float(metrics["is/active"]) == 0.0
+  np.testing.assert_allclose(state.table.scores[idx[:B]],
+                             _numpy_upper_bound(params, data, idx[:B]), rtol=1e-5)
+  assert int(jnp.sum(state.table.scored_at >= 0)) == B
+
+
+def test_selection_follows_the_stale_scores():
+  data, params = _dataset(), _params()
+  sampler = _sampler()
+  rng = np.random.default_rng(0)
+  table_scores = rng.exponential(size=N).astype(np.float32)
+  idx = np.asarray(_indices(0))
+  draws = 4000
+  keys = jax.random.split(jax.random.key(7), draws)
+
+  def one(key):
+    state = sampler.init(params, key)
+    state = state._replace(table=jis._stale.TableState(
+        jnp.asarray(table_scores), jnp.zeros((N,), jnp.int32)))
+    return sampler.step(state, jis.Indexed(data, jnp.asarray(idx)))[1]
+  metrics = jax.jit(jax.vmap(one))(keys)
+  trained = np.asarray(metrics["trained"]).ravel()
+  counts = np.array([np.sum(trained == i) for i in idx])
+  p = table_scores[idx] / table_scores[idx].sum()
+  p = (1 - 1e-4) * p + 1e-4 / len(p)   # importance_sampling's defensive mixture
+  chi2 = np.sum((counts - counts.sum() * p) ** 2 / (counts.sum() * p))
+  assert chi2 < 31.26   # chi-square, 11 degrees of freedom, p = 0.001
+  np.testing.assert_allclose(metrics["is/entropy"], -np.sum(p * np.log(p)), rtol=1e-5)
+
+
+def test_a_dict_batch_with_indices_equals_an_indexed_presample():
+  data, params = _dataset(), _params()
+  sampler = _sampler(jis.stale_scores(N, refresh_every=2))
+  step = jax.jit(sampler.step)
+  a = b = sampler.init(params, jax.random.key(0))
+  for t in range(4):
+    idx = _indices(t)
+    a, _ = step(a, jis.Indexed(data, idx))
+    b, _ = step(b, jax.tree.map(lambda x: x[idx], data))
+  np.testing.assert_allclose(a.inner, b.inner, rtol=1e-6)
+  np.testing.assert_array_equal(a.table.scored_at, b.table.scored_at)
+  np.testing.assert_allclose(a.table.scores, b.table.scores, rtol=1e-6)
+
+
+def test_compiles_once_runs_under_scan_and_with_donation():
+  data = _dataset()
+  sampler = _sampler(jis.stale_scores(N, refresh_every=3), tau_threshold=1.01,
+                     tau_momentum=0.0)
+  step = jax.jit(sampler.step, donate_argnums=0)
+  state = sampler.init(_params(), jax.random.key(0))
+  idx = jnp.stack([_indices(t) for t in range(6)])
+  active = []
+  for t in range(6):
+    state, metrics = step(state, jis.Indexed(data, idx[t]))
+    active.append(float(metrics["is/active"]))
+  assert step._cache_size() == 1
+
+  @jax.jit
+  def run(state, data, idx):
+    return jax.lax.scan(lambda s, i: sampler.step(s, jis.Indexed(data, i)), state, idx)
+  # params was donated with the first state: make it again.
+  scanned, metrics = run(sampler.init(_params(), jax.random.key(0)), data, idx)
+  np.testing.assert_allclose(scanned.inner, state.inner, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(scanned.table.scored_at, state.table.scored_at)
+  np.testing.assert_array_equal(metrics["is/active"], active)
+
+
+def test_whole_dataset_presample_is_the_history_sampler():
+  data = _dataset()
+  sampler = jis.importance_step(_train_step, _logits, batch_size=5,
+                                presample=N / 5, tau_threshold=0.0,
+                                score_table=jis.stale_scores(N))
+  step = jax.jit(sampler.step)
+  state = sampler.init(_params(), jax.random.key(0))
+  unscored = []
+  for _ in range(4):
+    state, metrics = step(state, jis.Indexed(data, jnp.arange(N)))
+    unscored.append(float(metrics["is/unscored"]))
+  assert unscored[0] == 1.0 and unscored[-1] < 1.0
+  assert unscored == sorted(unscored, reverse=True)
+
+
+def test_missing_index_is_reported_with_the_fix():
+  data = _dataset()
+  batch = {k: v[:BIG_B] for k, v in data.items() if k != "index"}
+  sampler = _sampler()
+  with pytest.raises(ValueError, match=r"batch\['index'\].*jis.Indexed"):
+    sampler.step(sampler.init(_params(), jax.random.key(0)), batch)
+
+
+def test_bad_indexed_presample_is_reported():
+  sampler = _sampler()
+  state = sampler.init(_params(), jax.random.key(0))
+  with pytest.raises(ValueError,
+                     match=r"index must be an integer array of shape \(12,\)"):
+    sampler.step(state, jis.Indexed(_dataset(), jnp.arange(5)))
+
+
+# ---------------------------------------------------------------- forward passes
+
+
+def _eqns(jaxpr, into_conds=True):
+  """Every equation, recursing into nested jaxprs (cond branches if asked)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    if eqn.primitive.name == "cond" and not into_conds:
+      continue
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jex.ClosedJaxpr):
+          yield from _eqns(sub.jaxpr, into_conds)
+        elif isinstance(sub, jex.Jaxpr):
+          yield from _eqns(sub, into_conds)
+
+
+def _row_counts(jaxpr, into_conds=True):
+  """Rows of every example batch a dot_general multiplies, or a gather makes."""
+  rows = []
+  for eqn in _eqns(jaxpr, into_conds):
+    if eqn.primitive.name == "dot_general":
+      shape = eqn.invars[0].aval.shape
+      if len(shape) == 2 and shape[1] == DIM:
+        rows.append(("dot", shape[0]))
+    if eqn.primitive.name == "gather":
+      shape = eqn.outvars[0].aval.shape
+      if len(shape) == 2 and shape[1] == DIM:
+        rows.append(("gather", shape[0]))
+  return rows
+
+
+def _step_jaxpr(sampler, batch):
+  return jax.make_jaxpr(sampler.step)(sampler.init(_params(), jax.random.key(0)),
+                                      batch).jaxpr
+
+
+@pytest.mark.parametrize("train_step", [_train_step, _train_step_without_logits],
+                         ids=["train_logits", "forward_of_b"])
+def test_no_presample_forward_pass_without_refresh(train_step):
+  data = _dataset()
+  batch = jis.Indexed(data, _indices(0))
+  rows = _row_counts(_step_jaxpr(_sampler(train_step=train_step), batch))
+  assert rows and all(n == B for _, n in rows), rows   # only the b trained rows
+  # The same check finds the presample forward pass of plain importance sampling.
+  plain = jis.importance_step(train_step, _logits, batch_size=B,
+                              presample=BIG_B / B, tau_threshold=0.0)
+  assert ("dot", BIG_B) in _row_counts(_step_jaxpr(plain, batch))
+
+
+def test_presample_forward_pass_only_in_the_fresh_branch():
+  batch = jis.Indexed(_dataset(), _indices(0))
+  jaxpr = _step_jaxpr(_sampler(jis.stale_scores(N, refresh_every=4)), batch)
+  presample = ("dot", BIG_B)
+  assert presample not in _row_counts(jaxpr, into_conds=False)
+  # Inside the importance branch, only in one branch of the (stale, fresh) cond.
+  uniform, importance = [br.jaxpr for eqn in jaxpr.eqns
+                         if eqn.primitive.name == "cond"
+                         for br in eqn.params["branches"]]
+  assert presample not in _row_counts(uniform)
+  assert presample in _row_counts(importance)
+  assert presample not in _row_counts(importance, into_conds=False)
+  splits = [[presample in _row_counts(br.jaxpr) for br in eqn.params["branches"]]
+            for eqn in importance.eqns if eqn.primitive.name == "cond"]
+  # (The other cond skips the trained examples' refresh on fresh steps.)
+  assert [split for split in splits if any(split)] == [[False, True]], splits
+
+
+def test_one_device_only_for_now():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+  with pytest.raises(ValueError, match=r"score_table runs on one device"):
+    _sampler(mesh=mesh)
+
+
+def test_default_condition_resamples_from_the_first_step():
+  sampler = jis.importance_step(_train_step, _logits, batch_size=B,
+                                presample=BIG_B / B, score_table=jis.stale_scores(N))
+  _, metrics = jax.jit(sampler.step)(sampler.init(_params(), jax.random.key(0)),
+                                     jis.Indexed(_dataset(), _indices(0)))
+  assert float(metrics["is/active"]) == 1.0
