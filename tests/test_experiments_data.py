@@ -1,0 +1,173 @@
+"""Dataset loaders: local files (real ones when present), tfds mock data."""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments import input_pipeline
+import experiments_testing
+
+REAL = experiments_testing.shared_data_dir()
+needs_real = pytest.mark.skipif(REAL is None, reason="../shared/data absent")
+
+
+def cfg(name, data_dir, **extra):
+  return ml_collections.ConfigDict(
+      {"name": name, "data_dir": data_dir, "source": "auto", **extra})
+
+
+@needs_real
+def test_real_mnist_and_fashion_mnist():
+  mnist = input_pipeline.load(cfg("mnist", REAL))
+  assert mnist.train["input"].shape == (60000, 28, 28, 1)
+  assert mnist.test["input"].shape == (10000, 28, 28, 1)
+  assert mnist.train["input"].dtype == np.uint8
+  # The label counts shared/data/README.md documents.
+  assert np.bincount(mnist.train["label"]).tolist() == [
+      5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+  assert np.bincount(mnist.test["label"]).tolist() == [
+      980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+  fashion = input_pipeline.load(cfg("fashion_mnist", REAL))
+  assert np.bincount(fashion.train["label"]).tolist() == [6000] * 10
+  assert np.bincount(fashion.test["label"]).tolist() == [1000] * 10
+  assert not np.array_equal(fashion.train["input"][:10], mnist.train["input"][:10])
+
+
+@needs_real
+def test_real_permuted_mnist_is_a_fixed_pixel_permutation():
+  mnist = input_pipeline.load(cfg("mnist", REAL, train_examples=100))
+  a = input_pipeline.load(cfg("permuted_mnist", REAL, train_examples=100))
+  b = input_pipeline.load(cfg("permuted_mnist", REAL, train_examples=100,
+                              permutation_seed=1))
+  assert a.train["input"].shape == (100, 784, 1)
+  flat = mnist.train["input"].reshape(100, -1)
+  np.testing.assert_array_equal(np.sort(a.train["input"][..., 0], 1),
+                                np.sort(flat, 1))
+  assert not np.array_equal(a.train["input"], flat[..., None])
+  assert not np.array_equal(a.train["input"], b.train["input"])
+
+
+@needs_real
+def test_real_imdb_matches_keras_load_data():
+  ds = input_pipeline.load(cfg("imdb_reviews", REAL, num_words=20000,
+                               maxlen=400))
+  assert ds.train["input"].shape == (25000, 400)
+  assert np.bincount(ds.train["label"]).tolist() == [12500, 12500]
+  # TEXT_DATASETS.md: Keras's first training sequence has 218 ids and starts
+  # [1, 14, 22, 16, 43, 530, 973, 1622]; padding goes in front.
+  first = ds.train["input"][0]
+  assert (first > 0).sum() == 218
+  assert first[400 - 218:400 - 218 + 8].tolist() == [
+      1, 14, 22, 16, 43, 530, 973, 1622]
+  assert ds.train["input"].max() < 20000 and ds.info["vocab_size"] == 20000
+
+
+@needs_real
+def test_real_reuters_matches_keras_load_data():
+  ds = input_pipeline.load(cfg("reuters", REAL, num_words=1000))
+  assert ds.train["input"].shape == (8982, 1000)
+  assert ds.test["input"].shape == (2246, 1000)
+  assert ds.num_classes == 46 and ds.train["label"].max() <= 45
+  # The first Keras sequence starts [1, 27595, 28842, 8, 43, 10, 447, 5]:
+  # ids >= 1000 become oov 2, and the bag of words marks what is left.
+  assert ds.train["input"][0][[1, 2, 8, 43, 10, 447, 5]].tolist() == [1] * 7
+  assert ds.train["input"][0][0] == 0
+
+
+def test_fake_files_in_every_local_format(tmp_path):
+  root = experiments_testing.write_fake_data(str(tmp_path), n_train=50,
+                                             n_test=20)
+  for name, shape, classes in [("mnist", (28, 28, 1), 10),
+                               ("fashion_mnist", (28, 28, 1), 10),
+                               ("cifar10", (32, 32, 3), 10),
+                               ("cifar100", (32, 32, 3), 100)]:
+    ds = input_pipeline.load(cfg(name, root))
+    assert ds.train["input"].shape[1:] == shape, name
+    assert ds.test["input"].shape[0] == 20 and ds.num_classes == classes
+    assert ds.source == os.path.join(root, name)
+  imdb = input_pipeline.load(cfg("imdb", root, num_words=100, maxlen=16))
+  assert imdb.name == "imdb_reviews"
+  assert imdb.train["input"].shape == (50, 16)
+  assert imdb.train["input"].max() < 100
+  reuters = input_pipeline.load(cfg("reuters", root, num_words=64))
+  assert reuters.train["input"].shape == (56, 64)   # 80% of 70
+
+
+def test_idx_reader_checks_the_header(tmp_path):
+  path = str(tmp_path / "x.gz")
+  images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+  experiments_testing.write_idx(path, images)
+  np.testing.assert_array_equal(input_pipeline.read_idx(path), images)
+  import gzip
+  with gzip.open(path, "rb") as f:
+    data = f.read()
+  with gzip.open(path, "wb") as f:
+    f.write(data[:-5])
+  with pytest.raises(ValueError, match="truncated"):
+    input_pipeline.read_idx(path)
+
+
+def test_keras_text_conventions():
+  assert input_pipeline.keras_sequences([[1, 5, 999]], num_words=10) == [
+      [1, 4, 8, 2]]
+  np.testing.assert_array_equal(
+      input_pipeline.pad_sequences([[1, 2, 3], [4]], 2), [[2, 3], [0, 4]])
+  np.testing.assert_array_equal(
+      input_pipeline.bag_of_words([[1, 3, 3, 12]], 5), [[0, 1, 0, 1, 0]])
+  assert input_pipeline.keras_tokenize("It's GREAT!<br />Really") == [
+      "it's", "great", "br", "really"]
+  assert input_pipeline.word_ranks([["b", "a", "b"], ["c", "a", "b"]]) == {
+      "b": 1, "a": 2, "c": 3}
+
+
+def test_missing_local_files_name_the_files(tmp_path, monkeypatch):
+  monkeypatch.delenv(input_pipeline.DATA_DIR_ENV, raising=False)
+  with pytest.raises(FileNotFoundError) as info:
+    input_pipeline.load(cfg("mnist", str(tmp_path), source="local"))
+  message = str(info.value)
+  assert "train-images-idx3-ubyte.gz" in message
+  assert os.path.join(str(tmp_path), "mnist") in message
+  # The environment variable is the default root.
+  root = experiments_testing.write_fake_data(str(tmp_path / "env"), 30, 10)
+  monkeypatch.setenv(input_pipeline.DATA_DIR_ENV, root)
+  assert input_pipeline.load(cfg("mnist", "")).source == os.path.join(root,
+                                                                      "mnist")
+
+
+def test_tfds_mock_data_without_tensorflow():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=12,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    mnist = input_pipeline.load(cfg("mnist", "", source="tfds"))
+    cifar = input_pipeline.load(cfg("cifar100", "", source="tfds"))
+    imdb = input_pipeline.load(cfg("imdb_reviews", "", source="tfds",
+                                   num_words=50, maxlen=8))
+  assert mnist.source == "tfds:mnist"
+  assert mnist.train["input"].shape == (12, 28, 28, 1)
+  assert cifar.train["input"].shape == (12, 32, 32, 3)
+  assert cifar.train["label"].max() < 100
+  assert imdb.train["input"].shape == (12, 8)
+  assert (imdb.train["input"][:, -1] > 0).all()   # padded in front
+  assert "tensorflow" not in __import__("sys").modules
+
+
+def test_epoch_permutation_and_host_stream_agree():
+  key = jax.random.PRNGKey(3)
+  split = {"input": np.arange(10)[:, None], "label": np.arange(10)}
+  stream = input_pipeline.HostStream(split, key, batch=4, chunk=3)
+  try:
+    batches, positions = stream.next()
+  finally:
+    stream.close()
+  perm0 = np.asarray(input_pipeline.epoch_permutation(key, 0, 10))
+  perm1 = np.asarray(input_pipeline.epoch_permutation(key, 1, 10))
+  # Two batches of 4 from epoch 0, the last 2 examples skipped, then epoch 1.
+  np.testing.assert_array_equal(batches["label"][0], perm0[:4])
+  np.testing.assert_array_equal(batches["label"][1], perm0[4:8])
+  np.testing.assert_array_equal(batches["label"][2], perm1[:4])
+  assert positions == [(0, 4), (0, 8), (1, 4)]
+  assert sorted(perm0.tolist()) == list(range(10))
+  assert not np.array_equal(perm0, perm1)
