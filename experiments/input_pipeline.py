@@ -485,10 +485,17 @@ class HostStream:
   Streams ``chunk`` batches at a time as ``[chunk, B, ...]`` numpy arrays, in
   the order :func:`epoch_permutation` gives, from a position ``(epoch,
   offset)`` that the caller checkpoints.
+
+  With several processes, every one walks the same permutation (the same
+  ``key``) and loads only ``rows``, its slice of each presample: the chunks
+  are then ``[chunk, len(rows), ...]``, the process-local part of the global
+  ``[chunk, B, ...]`` batch.
   """
 
   def __init__(self, split: Split, key: jax.Array, batch: int, chunk: int,
-               epoch: int = 0, offset: int = 0, prefetch: int = 2):
+               epoch: int = 0, offset: int = 0, prefetch: int = 2,
+               rows: Optional[slice] = None):
+    self._rows = slice(None) if rows is None else rows
     self._split = split
     self._n = len(next(iter(split.values())))
     if self._n < batch:
@@ -505,7 +512,8 @@ class HostStream:
 
   def _permutation(self, epoch):
     if epoch != self._perm_epoch:
-      with jax.default_device(jax.devices("cpu")[0]):
+      # This process's CPU (jax.devices("cpu")[0] may be another host's).
+      with jax.default_device(jax.local_devices(backend="cpu")[0]):
         self._perm = np.asarray(epoch_permutation(self._key, epoch, self._n))
       self._perm_epoch = epoch
     return self._perm
@@ -518,7 +526,7 @@ class HostStream:
       indices.append(self._permutation(self._epoch)[start:start + self._batch])
       self._offset = start + self._batch
       positions.append((self._epoch, self._offset))
-    idx = np.stack(indices)
+    idx = np.stack(indices)[:, self._rows]
     batches = {k: v[idx] for k, v in self._split.items()}
     batches["index"] = idx.astype(np.int32)   # for jis.stale_scores
     return batches, positions

@@ -30,6 +30,8 @@ import logging as std_logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -316,8 +318,11 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int):
     self._mngr = ocp.CheckpointManager(
         os.path.abspath(directory),
+        # A save killed half-way leaves only a temporary directory that
+        # orbax never lists as a step (it renames on commit); remove it.
         options=ocp.CheckpointManagerOptions(max_to_keep=keep or None,
-                                             create=True),
+                                             create=True,
+                                             cleanup_tmp_directories=True),
         item_names=("state", "meta"))
 
   def latest_step(self) -> Optional[int]:
@@ -389,6 +394,7 @@ class Result:
   step: int
   train_seconds: float
   eval: Dict[str, float]
+  preempted: bool = False   # stopped early by SIGTERM, after a checkpoint
 
 
 class _Clock:
@@ -415,10 +421,47 @@ def _check_budgets(config) -> None:
           or config.train_seconds > 0):
     raise ValueError("Give a training budget: --config.num_steps, "
                      "--config.num_epochs or --config.train_seconds (> 0).")
-  if jax.process_count() > 1:
-    raise NotImplementedError(
-        "experiments run on one host (any number of its devices); multi-host "
-        "data loading is not implemented.")
+
+
+class _Preemption:
+  """Turns SIGTERM (what schedulers send before preempting a job) into a
+  request the training loop answers at the next dispatch: save a checkpoint
+  and return normally (exit code 0), so that rerunning the same command
+  resumes. Installed only from the main thread; the previous handler comes
+  back when the run ends."""
+
+  def __init__(self):
+    self.requested, self._previous = False, None
+
+  def install(self) -> None:
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    logging.warning("Received signal %d: saving a checkpoint after this "
+                    "dispatch, then stopping.", signum)
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def _check_labels(dataset) -> None:
+  """Integer labels outside [0, num_classes) make softmax cross-entropy
+  read past the logits (NaN losses, or silently wrong scores); the data is on
+  the host here, so check it once instead of on every step."""
+  for split in ("train", "test"):
+    labels = np.asarray(getattr(dataset, split)["label"])
+    if labels.size and (labels.min() < 0 or
+                        labels.max() >= dataset.num_classes):
+      raise ValueError(
+          f"dataset {dataset.name!r}: {split} labels span [{labels.min()}, "
+          f"{labels.max()}] but the model has {dataset.num_classes} classes; "
+          "labels must lie in [0, num_classes). Check the data files under "
+          "--config.dataset.data_dir.")
 
 
 def _mesh(config):
@@ -427,9 +470,32 @@ def _mesh(config):
   if n > len(devices):
     raise ValueError(f"config.num_devices={n} but only {len(devices)} devices "
                      "are visible.")
+  if jax.process_count() > 1:
+    if n != len(devices):
+      raise ValueError(
+          f"config.num_devices={n}: a run of {jax.process_count()} processes "
+          f"trains on all {len(devices)} of their devices; set "
+          "--config.num_devices=0.")
+    # Devices ordered by process: each process's rows of a presample are one
+    # block of it.
+    return jax.make_mesh((n,), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,)), None
   if n == 1:
     return None, devices[0]
   return jax.sharding.Mesh(np.array(devices[:n]), ("data",)), None
+
+
+def _process_rows(sharding, size: int) -> slice:
+  """The rows of a streamed ``[k, size, ...]`` chunk that this process's
+  devices hold: the slice of each presample it loads."""
+  spans = {idx[1].indices(size)[:2] for idx in
+           sharding.addressable_devices_indices_map((1, size)).values()}
+  start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ValueError("This process's devices hold rows of the presample that "
+                     f"are not one block ({sorted(spans)}); build the mesh "
+                     "with jax.make_mesh, which orders devices by process.")
+  return slice(start, stop)
 
 
 def _quiet_orbax() -> None:
@@ -449,21 +515,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   _check_budgets(config)
   _quiet_orbax()
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
   # ---- data, model, sampler ----
+  # Everything is validated before the first file is written to the workdir,
+  # so a bad config or missing data leaves no workdir that looks like a run.
   dataset = input_pipeline.load(config.dataset)
+  _check_labels(dataset)
   kind = dataset.info["kind"]
   n_train = len(dataset.train["label"])
   b = int(config.batch_size)
   model = create_model(config, dataset)
   root = jax.random.PRNGKey(config.seed)
   init_key, jis_key, data_key, aug_key = jax.random.split(root, 4)
-  # Each process shuffles its own data order (one process today).
-  data_key = jax.random.fold_in(data_key, jax.process_index())
+  # One data order for every process: each loads its own rows of the same
+  # presamples. (Folding 0 keeps the order one-process runs always had.)
+  data_key = jax.random.fold_in(data_key, 0)
   preprocess = make_preprocess(config, kind)
   prep_params = preprocess_params(config, dataset)
   sample = preprocess({k: v[:1] for k, v in dataset.train.items()},
@@ -477,6 +543,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                      f"one presample batch B = {big_b}; lower batch_size or "
                      "presample.")
   jis_state = sampler.init(state, jis_key)
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("%s from %s: %d train / %d test examples; model %s with %d "
                "parameters; b=%d, B=%d.", dataset.name, dataset.source, n_train,
@@ -515,8 +585,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   start_step, train_seconds, epoch, offset = 0, 0.0, 0, 0
   latest = ckpt.latest_step()
   if latest is not None:
-    template = {"jis": jis_state, "data": {"epoch": jnp.int32(0),
-                                           "offset": jnp.int32(0)}}
+    # jis_state carries this run's shardings: orbax restores onto them, on
+    # any number of processes and devices.
+    template = {"jis": jis_state, "data": {"epoch": np.int32(0),
+                                           "offset": np.int32(0)}}
     restored, meta = ckpt.restore(latest, template)
     jis_state = restored["jis"]
     epoch, offset = int(restored["data"]["epoch"]), int(restored["data"]["offset"])
@@ -643,13 +715,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   stream = None
   if not on_device:
-    stream = input_pipeline.HostStream(dataset.train, data_key, big_b, k_steps,
-                                       epoch=epoch, offset=offset)
+    stream = input_pipeline.HostStream(
+        dataset.train, data_key, big_b, k_steps, epoch=epoch, offset=offset,
+        rows=_process_rows(stream_sharding, big_b))
 
   def next_batches():
     if stream is None:
       return None, None
     batches, positions = stream.next()
+    if jax.process_count() > 1:   # this process's rows -> the global chunk
+      return jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(
+              stream_sharding, x, (x.shape[0], big_b) + x.shape[2:]),
+          batches), positions
     return jax.device_put(batches, stream_sharding), positions
 
   # Compile before the clock starts (the first dispatch would otherwise count
@@ -697,8 +775,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           f"Training diverged: the loss became NaN or infinite at step {bad} "
           f"(workdir {workdir}). Lower --config.learning_rate, set "
           "--config.grad_clip_norm, or add smoothing to the scores "
-          "(--config.sampler.smooth). The last checkpoint before it is in "
-          f"{os.path.join(workdir, 'checkpoints')}.")
+          "(--config.sampler.smooth), then rerun: the run resumes from the "
+          "last checkpoint before it, in "
+          f"{os.path.join(workdir, 'checkpoints')} (or start a new workdir).")
 
   host_position = (epoch, offset)
 
@@ -709,8 +788,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if on_device:
       position = {"epoch": loop.epoch, "offset": loop.offset}
     else:
-      position = {"epoch": jnp.int32(host_position[0]),
-                  "offset": jnp.int32(host_position[1])}
+      position = {"epoch": np.int32(host_position[0]),
+                  "offset": np.int32(host_position[1])}
     ckpt.save(step, {"jis": loop.jis, "data": position},
               {"step": step, "train_seconds": clock.read(),
                "epoch": step / steps_per_epoch, "presample_size": big_b,
@@ -737,6 +816,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   step, last_metrics, pending = start_step, None, None
   last_eval = {}
   lr_fn = learning_rate_fn(config)
+  preemption = _Preemption()
+  preemption.install()
   try:
     if start_step == 0 and config.get("eval_at_start", True):
       last_eval = eval_and_log(loop, 0)   # curves start at t = 0
@@ -755,8 +836,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       last_metrics = metrics
       bar.update(step - prev)
 
-      done = step >= stop_step or (seconds_budget and
-                                   clock.read() >= seconds_budget)
+      # SIGTERM: log this step, then leave the loop to save and stop.
+      preempted = preemption.requested and step < stop_step
+      done = preempted or step >= stop_step or (seconds_budget and
+                                                clock.read() >= seconds_budget)
       log_now = crossed(prev, step, config.log_every_steps) or done
       eval_now = (crossed(prev, step, eval_every_steps)
                   or clock.read() >= next_eval_seconds)
@@ -785,19 +868,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         save_checkpoint(loop, step)
         next_ckpt_seconds = time.perf_counter() + (
             config.checkpoint_every_seconds or math.inf)
+      if preempted:
+        break
       clock.start()
     clock.stop()
     jax.block_until_ready(loop)
-    if step > start_step or latest is None:
+    preempted = preemption.requested and step < stop_step
+    if preempted:
+      # No evaluation: the grace period before SIGKILL is short.
+      save_checkpoint(loop, step)
+      logging.warning("Preempted at step %d: checkpoint saved in %s; run the "
+                      "same command again to resume.", step, workdir)
+    elif step > start_step or latest is None:
       last_eval = eval_and_log(loop, step)
       save_checkpoint(loop, step)
     else:
       logging.info("%s already holds a run to its budget (step %d); raise a "
                    "budget to train further.", workdir, step)
   finally:
+    preemption.restore()
     bar.close()
     if stream is not None:
       stream.close()
     ckpt.close()
   return Result(state=loop.jis, step=step, train_seconds=clock.read(),
-                eval=last_eval)
+                eval=last_eval, preempted=preempted)

@@ -7,6 +7,7 @@ computed: the B presample scores on importance steps, the b trained examples'
 scores on uniform steps).
 """
 
+import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -38,8 +39,11 @@ def _ema_condition(name: str, threshold: Optional[float], momentum: float,
                    default_threshold: Callable[[int, int], float],
                    statistic: Callable[[Array], Array]) -> Condition:
   _check_momentum(name, momentum)
-  if threshold is not None and not threshold >= 0:
-    raise ValueError(f"{name}(threshold) must be >= 0 or None; got {threshold!r}.")
+  if threshold is not None and (isinstance(threshold, (str, bool)) or
+                                not isinstance(threshold, numbers.Real) or
+                                not threshold >= 0):
+    raise ValueError(f"{name}(threshold) must be a number >= 0 (inf: never) "
+                     f"or None; got {threshold!r}.")
 
   def init(presample_size, batch_size):
     th = threshold

@@ -417,7 +417,8 @@ def score_in_chunks(score_fn: Callable[[PyTree], Array], batch: PyTree,
                     layout: Layout) -> Array:
   """``score_fn(batch)``, evaluated ``forward_batch_size`` examples at a time.
 
-  Chunk ``j`` holds examples ``j, j + c, j + 2c, …`` (``c`` chunks): with the
+  On one device chunk ``j`` holds examples ``j f … (j + 1) f − 1``. On a
+  mesh, chunk ``j`` holds examples ``j, j + c, j + 2c, …`` (``c`` chunks): with the
   presample split in ``d`` consecutive blocks, every chunk then takes
   ``forward_batch_size / d`` examples from each device, so each device scores
   its own rows in ``c`` passes of ``forward_batch_size / d`` and nothing moves
@@ -428,6 +429,12 @@ def score_in_chunks(score_fn: Callable[[PyTree], Array], batch: PyTree,
   if f is None or f >= n:
     return score_fn(batch)
   c = n // f
+  if layout.mesh is None:
+    # One device: consecutive chunks, a free reshape (the strided split below
+    # copies the whole presample into a transposed layout).
+    scores = jax.lax.map(score_fn, jax.tree.map(
+        lambda x: x.reshape((c, f) + x.shape[1:]), batch))
+    return scores.reshape(n)
 
   def split(x):
     chunks = jnp.swapaxes(x.reshape((f, c) + x.shape[1:]), 0, 1)

@@ -126,6 +126,16 @@ def _sanitize(scores: Array):
   return jnp.where(ok, scores, jnp.ones_like(scores)), 1.0 - ok.astype(jnp.float32)
 
 
+def _nonfinite(metrics) -> Array:
+  """1.0 when a floating-point value among the user's metrics (their loss) is
+  NaN or infinite: a few scalar reductions, so it costs nothing per step."""
+  flags = [jnp.any(~jnp.isfinite(x)) for x in jax.tree.leaves(metrics)
+           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not flags:
+    return jnp.zeros((), jnp.float32)
+  return jnp.any(jnp.stack(flags)).astype(jnp.float32)
+
+
 def importance_step(
     train_step: Callable[[PyTree, PyTree, Array], tuple],
     logits_fn: Optional[Callable[[PyTree, PyTree], Array]],
@@ -244,7 +254,9 @@ def importance_step(
     An :class:`ImportanceStep` ``(init, step)``. ``step`` returns the user's
     metrics plus ``is/tau``, ``is/active``, ``is/ess``, ``is/max_weight``,
     ``is/score_mean``, ``is/fallback``, ``is/selected_fraction_unique``,
-    ``is/entropy`` and ``is/variance_reduction`` (this step's τ); with a
+    ``is/entropy``, ``is/variance_reduction`` (this step's τ) and
+    ``is/nonfinite`` (1 when one of your metrics, e.g. the loss, is NaN or
+    infinite; see ``docs/reliability.md``); with a
     ``score_table`` also ``is/fresh``, ``is/score_age`` and ``is/unscored``;
     with a ``budget`` also ``is/presample_size`` and ``is/batch_size``.
     ``step`` also accepts a :class:`jis.Indexed` presample (dataset indices
@@ -551,14 +563,128 @@ def importance_step(
     if active.shape != () or active.dtype != jnp.bool_:
       raise TypeError("condition.active must return a scalar bool; got "
                       f"{active.dtype}{list(active.shape)}.")
-    inner, metrics, cond_state, t_states, p_state, table, extra = jax.lax.cond(
-        active, resample_branch, uniform_branch, operands)
+    if buckets is not None:
+      # The buckets train on different batch sizes: each branch runs its own
+      # train_step.
+      inner, metrics, cond_state, t_states, p_state, table, extra = \
+          jax.lax.cond(active, resample_branch, uniform_branch, operands)
+    else:
+      inner, metrics, cond_state, t_states, p_state, table, extra = \
+          train_once(state, batch, active, select_key)
     tau = tau_momentum * state.tau + (1.0 - tau_momentum) * extra[
         "is/variance_reduction"]
     new_state = ImportanceState(
         inner=inner, key=key, step=state.step + 1, tau=tau,
         condition=cond_state, transforms=t_states, policy=p_state, table=table)
     new_state = on_mesh(new_state, _sharding.constrain)
-    return new_state, {**metrics, **extra, "is/tau": tau}
+    return new_state, {**metrics, **extra, "is/tau": tau,
+                       "is/nonfinite": _nonfinite(metrics)}
+
+  def train_once(state, batch, active, select_key):
+    """The step with ``train_step`` traced once, outside any ``lax.cond``.
+
+    A ``lax.cond`` whose branches return the updated train state makes XLA
+    copy every state buffer (parameters, optimizer moments) out of the
+    conditional on each step, inside a ``lax.scan`` too. Here the first cond
+    only chooses the ``b`` rows and weights to train on (the importance
+    branch scores and draws them; the uniform branch takes the first ``b``),
+    the train step runs unconditionally on them, and a second cond does the
+    bookkeeping that needs the step's logits. Both conds carry only small
+    values: the rows, the scores, the jis states.
+    """
+    no_refresh = score_table is None or score_table.fresh is None
+    inner = state.inner
+    small = (state.condition, state.transforms, state.policy, state.table)
+    if score_table is not None:   # a missing index is the first error to see
+      _stale.check_index(score_table.index(batch),
+                         _indexed.presample_size(batch))
+    # Scores of trained examples that the step's own logits cannot give
+    # (no "is/logits", or a per-parameter score) need the pre-update state:
+    # compute them before the update, so the old parameters die with it.
+    step_shapes = jax.eval_shape(
+        lambda: call_train_step(inner, _indexed.first_rows(batch, b, layout),
+                                jnp.ones((b,), jnp.float32)))
+    score_before = step_shapes[2] is None or score_.per_parameter
+    no_scores = jnp.zeros((b,), jnp.float32)
+
+    def choose_importance(small):
+      cond_state, t_states, p_state, table = small
+      score_presample = lambda: _indexed.score_in_chunks(
+          lambda chunk: scores_of(inner, chunk), batch, layout)
+      if score_table is None:
+        raw, fresh, extra = score_presample(), False, {}
+      else:
+        raw, table, fresh, extra = _stale.presample_scores(
+            score_table, table, batch, state.step, score_presample)
+      scores, t_states = transform(raw, t_states)
+      scores, fallback = _sanitize(scores)
+      sel, selected = _indexed.select(
+          policy, select_key, scores, p_state, batch, b, layout)
+      weights = jnp.asarray(sel.weights, jnp.float32)
+      cond_state = condition.update(cond_state, scores, state.step)
+      seen = (raw, scores, jnp.asarray(sel.probs, jnp.float32), fallback,
+              extra)
+      trained = (scores_of(inner, selected) if score_before and
+                 score_table is not None else no_scores)
+      return (selected, weights, sel.indices.astype(jnp.int32),
+              jnp.asarray(fresh, jnp.bool_), (cond_state, t_states, sel.state,
+                                              table), seen, trained)
+
+    def choose_uniform(small):
+      sub = _indexed.first_rows(batch, b, layout)
+      weights = _sharding.constrain(jnp.ones((b,), jnp.float32), layout, 0)
+      unused = jnp.zeros((big_b,), jnp.float32)
+      seen = (unused, unused, unused, jnp.zeros((), jnp.float32),
+              _stale.uniform_metrics() if score_table is not None else {})
+      trained = scores_of(inner, sub) if score_before else no_scores
+      return (sub, weights, jnp.arange(b, dtype=jnp.int32),
+              jnp.zeros((), jnp.bool_), small, seen, trained)
+
+    (selected, weights, indices, fresh, small, seen,
+     scored_before) = jax.lax.cond(active, choose_importance, choose_uniform,
+                                   small)
+    if layout.mesh is not None:
+      selected = _sharding.constrain(selected, layout, 0)
+      weights = _sharding.constrain(weights, layout, 0)
+    new_inner, metrics, logits = call_train_step(inner, selected, weights)
+    if logits is not None:
+      logits = jax.lax.stop_gradient(logits)
+    trained_scores = lambda: (scored_before if score_before else
+                              scores_of(None, selected, logits))
+
+    def finish_importance(small):
+      cond_state, t_states, p_state, table = small
+      if score_table is not None:
+        table = _stale.refresh(
+            score_table, table,
+            _stale.trained_index(score_table, batch, selected, indices),
+            state.step, False if no_refresh else fresh, trained_scores)
+      raw, scores, probs, fallback, extra = seen
+      return (cond_state, t_states, p_state, table), {
+          **is_metrics(raw, scores, indices, weights, probs, fallback, 1.0),
+          **extra}
+
+    def finish_uniform(small):
+      cond_state, t_states, p_state, table = small
+      raw = trained_scores()
+      extra = {}
+      if score_table is not None:
+        table = score_table.write(
+            table, _stale.trained_index(score_table, batch, selected,
+                                        jnp.arange(b)), raw, state.step)
+        extra = _stale.uniform_metrics()
+      scores, t_states = transform(raw, t_states)
+      scores, fallback = _sanitize(scores)
+      p_state = _sharding.observe(policy, scores, p_state, layout)
+      cond_state = condition.update(cond_state, scores, state.step)
+      probs = jnp.full((big_b,), 1.0 / big_b, jnp.float32)
+      return (cond_state, t_states, p_state, table), {
+          **is_metrics(raw, scores, jnp.arange(b), weights, probs, fallback,
+                       0.0), **extra}
+
+    small, extra = jax.lax.cond(active, finish_importance, finish_uniform,
+                                small)
+    cond_state, t_states, p_state, table = small
+    return new_inner, metrics, cond_state, t_states, p_state, table, extra
 
   return ImportanceStep(init, step)

@@ -39,6 +39,9 @@ def variance_reduction(scores: jax.Array) -> jax.Array:
     2.0
   """
   s = jnp.asarray(scores, jnp.float32)
+  if s.ndim != 1:
+    raise ValueError("variance_reduction(scores) needs one score per example, "
+                     f"shape [B]; got shape {s.shape}.")
   top = jnp.max(s)
   s = scale_to_unit_max(s, jnp.where(top > 0, top, 1.0))  # keeps s² finite
   total = jnp.sum(s)

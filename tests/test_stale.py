@@ -326,10 +326,10 @@ def test_presample_forward_pass_only_in_the_fresh_branch():
   jaxpr = _step_jaxpr(_sampler(jis.stale_scores(N, refresh_every=4)), batch)
   presample = ("dot", BIG_B)
   assert presample not in _row_counts(jaxpr, into_conds=False)
-  # Inside the importance branch, only in one branch of the (stale, fresh) cond.
-  uniform, importance = [br.jaxpr for eqn in jaxpr.eqns
-                         if eqn.primitive.name == "cond"
-                         for br in eqn.params["branches"]]
+  # Inside the importance branch of the first cond (the one that chooses the
+  # rows to train on), only in one branch of the (stale, fresh) cond.
+  choose = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond"][0]
+  uniform, importance = [br.jaxpr for br in choose.params["branches"]]
   assert presample not in _row_counts(uniform)
   assert presample in _row_counts(importance)
   assert presample not in _row_counts(importance, into_conds=False)

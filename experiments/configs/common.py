@@ -45,6 +45,12 @@ def sampler() -> ml_collections.ConfigDict:
       # (num_examples is filled in), constant_variance, constant_time.
       "score_table": "",
       "budget": "",
+      # Data parallelism over the "data" mesh axis (docs/scaling.md):
+      # "global" matches one device; "local" resamples within each device's
+      # shard and moves no examples between devices.
+      "resample": "global",
+      # Score the presample in passes of this many examples (a multiple of
+      # the device count dividing B); None: one pass.
       "forward_batch_size": config_dict.placeholder(int),
   })
 

@@ -1,0 +1,139 @@
+"""What the benchmarks share: machine description, timing, JSON, tables."""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+
+DEFAULT_OUT_DIR = os.path.join("runs", "benchmarks")
+
+
+def load_average() -> List[float]:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return []
+
+
+def machine() -> Dict[str, object]:
+  """The machine, in words and numbers, for the report."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  mem_gib = None
+  try:
+    with open("/proc/meminfo") as f:
+      mem_gib = round(int(f.readline().split()[1]) / 2**20, 1)
+  except (OSError, ValueError, IndexError):
+    pass
+  dev = jax.devices()[0]
+  return {
+      "cpu": cpu,
+      "cores": os.cpu_count(),
+      "memory_gib": mem_gib,
+      "backend": jax.default_backend(),
+      "device": getattr(dev, "device_kind", str(dev)),
+      "device_count": jax.device_count(),
+      "jax": jax.__version__,
+      "python": platform.python_version(),
+      "platform": platform.platform(),
+  }
+
+
+def header(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+  """Machine, command, date and load at the start of a benchmark."""
+  argv = list(sys.argv if argv is None else argv)
+  return {
+      "machine": machine(),
+      "command": " ".join(["python -m", _module_of(argv[0])] + argv[1:]),
+      "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      "load_start": load_average(),
+  }
+
+
+def _module_of(path: str) -> str:
+  name = os.path.splitext(os.path.basename(path))[0]
+  return f"experiments.benchmarks.{name}"
+
+
+def write_json(result: Dict[str, object], path: str) -> str:
+  result = {**result, "load_end": load_average()}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1, sort_keys=False, default=_jsonable)
+  return path
+
+
+def _jsonable(x):
+  if isinstance(x, (np.generic,)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return str(x)
+
+
+def summarize(samples: Sequence[float]) -> Dict[str, float]:
+  """Median and spread (min, max, interquartile range) of repeated timings."""
+  s = sorted(float(x) for x in samples)
+  q = np.percentile(s, [25, 75]) if len(s) > 1 else [s[0], s[0]]
+  return {"median": statistics.median(s), "min": s[0], "max": s[-1],
+          "iqr": float(q[1] - q[0]), "n": len(s)}
+
+
+def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int,
+                     ) -> Dict[str, List[float]]:
+  """Seconds per call of each ``fn`` (which must block), run round-robin
+  ``repeats`` times so load changes hit every configuration alike."""
+  out = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      out[name].append(time.perf_counter() - t0)
+  return out
+
+
+def table(rows: List[Dict[str, object]], columns: Sequence[str],
+          formats: Optional[Dict[str, str]] = None) -> str:
+  """A markdown table of ``rows`` (dicts) with the given ``columns``."""
+  formats = formats or {}
+
+  def cell(row, c):
+    v = row.get(c, "")
+    if v is None:
+      return "–"
+    if isinstance(v, float) and c in formats:
+      return format(v, formats[c])
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return str(v)
+  lines = ["| " + " | ".join(columns) + " |",
+           "| " + " | ".join("---:" if isinstance(rows[0].get(c), (int, float))
+                             else "---" for c in columns) + " |"]
+  for row in rows:
+    lines.append("| " + " | ".join(cell(row, c) for c in columns) + " |")
+  return "\n".join(lines)
+
+
+def data_dir() -> Optional[str]:
+  """$JIS_DATA_DIR, else ../shared/data from the repository root."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  root = os.path.dirname(os.path.dirname(here))
+  for candidate in (os.environ.get("JIS_DATA_DIR"),
+                    os.path.join(root, "..", "shared", "data")):
+    if candidate and os.path.isdir(os.path.join(candidate, "mnist")):
+      return os.path.abspath(candidate)
+  return None

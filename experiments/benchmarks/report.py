@@ -1,0 +1,203 @@
+r"""Turns the benchmarks' JSON into ``docs/benchmarks.md`` (tables and plots).
+
+  python -m experiments.benchmarks.report [--in_dir runs/benchmarks] \
+      [--out docs/benchmarks.md] [--plots docs/benchmarks]
+
+Reads ``step_cost.json``, ``convergence.json`` and ``scoring_scale.json``
+(the ``*_quick.json`` ones with ``--quick``) where present, and names the
+machine, the command, the date and the load of each.
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from experiments.benchmarks import common
+from experiments.benchmarks import convergence
+from experiments.benchmarks import scoring_scale
+from experiments.benchmarks import step_cost
+
+
+def _load(path: str) -> Optional[Dict]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def provenance(result: Dict) -> str:
+  m = result["machine"]
+  return (f"*Machine:* {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+          f"{m['backend']} backend ({m['device']}), jax {m['jax']}. "
+          f"*Date:* {result['date']}. *Load average (1/5/15 min) at start:* "
+          f"{result.get('load_start')}, at end: {result.get('load_end')}.\n\n"
+          f"```bash\n{result['command']}\n```\n")
+
+
+def _plot(path: str, draw) -> Optional[str]:
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  fig = draw(plt)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
+def step_cost_section(r: Dict, plots: str, rel: str) -> str:
+  text = ["## Step cost against the floor\n", provenance(r),
+          f"K steps per dispatch (one `lax.scan`; K = {r['steps_per_dispatch']}"
+          " for the MLP, fewer for the conv nets, column K), "
+          f"state donated, {r['repeats']} interleaved repeats; medians, with "
+          "the range of the per-repeat ratio in brackets. floor = "
+          "t_f(B) + t_u(b); targets: active/floor ≤ 1.10, inactive/t_u ≤ 1.10. "
+          f"WRN: depth {r['wrn']['depth']}, width {r['wrn']['width']}, "
+          f"{r['wrn']['input']}×{r['wrn']['input']}×3 inputs (WRN-28-2 shrunk "
+          "for the CPU).\n",
+          step_cost.render(r), ""]
+  met_a = sum(c["active_over_floor"] <= step_cost.TARGET for c in r["cells"])
+  met_i = sum(c["inactive_over_t_u"] <= step_cost.TARGET for c in r["cells"])
+  text.append(f"Active within 1.10 × floor in {met_a}/{len(r['cells'])} cells; "
+              f"inactive within 1.10 × t_u in {met_i}/{len(r['cells'])}.\n")
+
+  def draw(plt):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for model in sorted({c["model"] for c in r["cells"]}):
+      cells = [c for c in r["cells"] if c["model"] == model]
+      axes[0].plot(range(len(cells)), [c["active_over_floor"] for c in cells],
+                   "o-", label=model)
+      axes[1].plot(range(len(cells)), [c["inactive_over_t_u"] for c in cells],
+                   "o-", label=model)
+      labels = [f"{c['b']}/{c['B']}" for c in cells]
+    for ax, title in zip(axes, ("active / (t_f(B) + t_u(b))",
+                                "inactive / t_u(b)")):
+      ax.axhline(1.10, color="k", ls="--", lw=1)
+      ax.axhline(1.0, color="gray", lw=0.5)
+      ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
+      ax.set_xlabel("b / B")
+      ax.set_title(title)
+      ax.legend()
+    return fig
+  p = _plot(os.path.join(plots, "step_cost.png"), draw)
+  if p:
+    text.append(f"![step cost]({rel}/step_cost.png)\n")
+  return "\n".join(text)
+
+
+def convergence_section(r: Dict, plots: str, rel: str) -> str:
+  text = ["## Convergence per second\n", provenance(r),
+          f"{r['seeds']} seeds per method; training clock (evaluation and "
+          "compilation excluded); loss on the whole training set in inference "
+          "mode and test error, median [min–max] over seeds, interpolated "
+          "between evaluations.\n"]
+  for model, entry in r["models"].items():
+    text.append(convergence.render(model, entry))
+    t = entry.get("targets") or {}
+    if t:
+      frac = t["time_fraction_to_uniform_final"]
+      text.append(
+          f"\nTargets (upper-bound IS vs uniform{'' if t['budget_is_10_uniform_epochs'] else ', budget not 10 uniform epochs'}): "
+          f"training-loss ratio {t['train_loss_ratio']:.3f} (target ≤ 0.2: "
+          f"{'met' if t['train_loss_met'] else 'not met'}); test error "
+          f"{t['test_error_upper_bound']:.2%} vs {t['test_error_uniform']:.2%} "
+          f"({'met' if t['test_error_met'] else 'not met'}); time to uniform's "
+          f"final loss {'never' if frac is None else f'{frac:.2f}'} of the "
+          f"budget (target ≤ 0.33: {'met' if t['time_met'] else 'not met'}).\n")
+
+    def draw(plt, entry=entry, model=model):
+      fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+      for method, m in entry["summary"]["methods"].items():
+        ts = [p["t"] for p in m["points"]]
+        axes[0].semilogy(ts, [p["train_loss"]["median"] for p in m["points"]],
+                         label=method)
+        axes[0].fill_between(ts, [p["train_loss"]["min"] for p in m["points"]],
+                             [p["train_loss"]["max"] for p in m["points"]],
+                             alpha=0.15)
+        axes[1].plot(ts, [100 * p["test_error"]["median"] for p in m["points"]],
+                     label=method)
+      axes[0].set_title(f"{model}: training loss (whole set)")
+      axes[1].set_title(f"{model}: test error (%)")
+      for ax in axes:
+        ax.set_xlabel("training seconds")
+      axes[1].legend(fontsize=7)
+      return fig
+    p = _plot(os.path.join(plots, f"convergence_{model}.png"), draw)
+    if p:
+      text.append(f"![convergence {model}]({rel}/convergence_{model}.png)\n")
+  return "\n".join(text)
+
+
+def scoring_section(r: Dict, plots: str, rel: str) -> str:
+  text = ["## Scaling of scoring\n", provenance(r),
+          f"b = {r['b']}; one jis step with IS on every step, all B scored at "
+          f"once or in chunks of {r['chunk']} (`forward_batch_size`). Memory "
+          f"from {r['memory_source']}: temporaries (activations) and "
+          "arguments (state + presample batch).\n",
+          scoring_scale.render(r), ""]
+
+  def draw(plt):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for model in sorted({x["model"] for x in r["rows"]}):
+      for mode, ls in (("all_at_once", "-"), ("chunked", "--")):
+        rows = [x for x in r["rows"] if x["model"] == model and x["mode"] == mode]
+        bs = [x["B"] for x in rows]
+        axes[0].loglog(bs, [x["step_ms"] for x in rows], ls, marker="o",
+                       label=f"{model} {mode}")
+        axes[1].loglog(bs, [(x["temp_bytes"] or 1) / 2**20 for x in rows], ls,
+                       marker="o", label=f"{model} {mode}")
+    axes[0].set_title("step time (ms)")
+    axes[1].set_title("temporary memory (MiB)")
+    for ax in axes:
+      ax.set_xlabel("presample B")
+      ax.legend(fontsize=7)
+    return fig
+  p = _plot(os.path.join(plots, "scoring_scale.png"), draw)
+  if p:
+    text.append(f"![scoring scale]({rel}/scoring_scale.png)\n")
+  return "\n".join(text)
+
+
+def build(in_dir: str = common.DEFAULT_OUT_DIR, out: str = "docs/benchmarks.md",
+          plots: Optional[str] = None, quick: bool = False) -> str:
+  suffix = "_quick" if quick else ""
+  plots = plots or os.path.join(os.path.dirname(out) or ".", "benchmarks")
+  rel = os.path.relpath(plots, os.path.dirname(os.path.abspath(out)) or ".")
+  parts = ["# Benchmarks\n",
+           "Generated by `python -m experiments.benchmarks.report` from the "
+           "JSON the benchmark scripts write; each section names its machine, "
+           "command, date and load. CPU timings on a shared 2-core machine are "
+           "noisy: read the medians with their ranges.\n"]
+  for name, section in (("step_cost", step_cost_section),
+                        ("convergence", convergence_section),
+                        ("scoring_scale", scoring_section)):
+    r = _load(os.path.join(in_dir, f"{name}{suffix}.json"))
+    if r is not None:
+      parts.append(section(r, plots, rel))
+  text = "\n".join(parts)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    f.write(text)
+  return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--in_dir", default=common.DEFAULT_OUT_DIR)
+  p.add_argument("--out", default="docs/benchmarks.md")
+  p.add_argument("--plots", default=None)
+  p.add_argument("--quick", action="store_true",
+                 help="read the *_quick.json files")
+  a = p.parse_args(argv[1:])
+  build(a.in_dir, a.out, a.plots, a.quick)
+  print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,95 @@
+"""Smoke tests of the benchmark scripts: smallest settings, JSON checked.
+
+They time nothing worth reading; they check that each script runs end to end
+and writes the JSON that ``report`` turns into docs/benchmarks.md.
+"""
+
+import json
+import os
+
+import pytest
+
+import experiments_testing
+from experiments.benchmarks import convergence
+from experiments.benchmarks import report
+from experiments.benchmarks import scoring_scale
+from experiments.benchmarks import step_cost
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("benchmarks"))
+
+
+def _read(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _check_header(r):
+  assert r["machine"]["cores"] >= 1 and r["machine"]["backend"]
+  assert r["command"].startswith("python -m experiments.benchmarks.")
+  assert r["date"] and "load_start" in r and "load_end" in r
+
+
+def test_step_cost(out_dir):
+  path = os.path.join(out_dir, "step_cost.json")
+  step_cost.run(models=("mlp",), batch_sizes=(8,), presamples=(2.0,),
+                steps_per_dispatch=2, repeats=1, loop_steps=0, out=path,
+                argv=["step_cost.py", "--smoke"])
+  r = _read(path)
+  _check_header(r)
+  (cell,) = r["cells"]
+  assert (cell["model"], cell["b"], cell["B"]) == ("mlp", 8, 16)
+  assert cell["is_active"] == {"active": 1.0, "inactive": 0.0}
+  for key in ("t_u_ms", "t_f_ms", "active_ms", "inactive_ms"):
+    assert cell[key] > 0
+  assert cell["active_over_floor"] == pytest.approx(
+      cell["active_ms"] / (cell["t_f_ms"] + cell["t_u_ms"]))
+
+
+def test_scoring_scale(out_dir):
+  path = os.path.join(out_dir, "scoring_scale.json")
+  scoring_scale.run(models=("mlp",), b=8, sizes=(16, 64), chunk=16, repeats=1,
+                    out=path, argv=["scoring_scale.py", "--smoke"])
+  r = _read(path)
+  _check_header(r)
+  rows = {(x["B"], x["mode"]): x for x in r["rows"]}
+  assert set(rows) == {(16, "all_at_once"), (16, "chunked"),
+                       (64, "all_at_once"), (64, "chunked")}
+  assert rows[(64, "chunked")]["forward_batch_size"] == 16
+  # Chunked scoring needs no more temporary memory than scoring at once (up
+  # to the loop's bookkeeping: at this size the train step's buffers dominate).
+  big_all, big_chunked = rows[(64, "all_at_once")], rows[(64, "chunked")]
+  if big_all["temp_bytes"] is not None:
+    assert big_chunked["temp_bytes"] <= big_all["temp_bytes"] + 2**16
+
+
+def test_convergence(out_dir, tmp_path):
+  data = experiments_testing.write_fake_data(str(tmp_path / "data"),
+                                             n_train=2100, n_test=600)
+  path = os.path.join(out_dir, "convergence.json")
+  convergence.run(models=("mlp",), methods=("uniform", "upper_bound"),
+                  seeds=1, budget_seconds=0.5, eval_points=2, quick=True,
+                  out=path, workdir=str(tmp_path / "runs"),
+                  data_dir=data or str(tmp_path / "data"),
+                  argv=["convergence.py", "--smoke"])
+  r = _read(path)
+  _check_header(r)
+  entry = r["models"]["mlp"]
+  assert entry["budget_seconds"] == 0.5
+  methods = entry["summary"]["methods"]
+  assert set(methods) == {"uniform", "upper_bound"}
+  for m in methods.values():
+    assert [p["fraction"] for p in m["points"]] == [0.5, 1.0]
+    assert m["points"][-1]["train_loss"]["median"] > 0
+  assert {"train_loss_ratio", "time_met"} <= set(entry["targets"])
+
+
+def test_report(out_dir):
+  md = os.path.join(out_dir, "benchmarks.md")
+  text = report.build(out_dir, md, os.path.join(out_dir, "plots"))
+  for heading in ("## Step cost", "## Convergence per second",
+                  "## Scaling of scoring"):
+    assert heading in text
+  assert "*Machine:*" in text and "python -m experiments.benchmarks" in text

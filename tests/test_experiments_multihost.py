@@ -1,0 +1,172 @@
+"""Multi-host: experiments.main as two processes on localhost (CPU, gloo).
+
+Each run launches ``python -m experiments.main`` twice with
+``--coordinator_address/--num_processes/--process_id``, two CPU devices per
+process, so ``jax.distributed`` joins them into one 4-device mesh. The
+result must match one process on one device (global resampling is the
+single-device algorithm), and a checkpoint written by either process count
+must resume on the other and end where the uninterrupted run ends.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import input_pipeline
+from experiments import train
+import experiments_testing
+from experiments_testing import tiny_config
+
+TIMEOUT_S = 150   # per two-process launch; a run takes ~25 s on 2 busy cores
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache():
+  with experiments_testing.persistent_compilation_cache():
+    yield
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory):
+  return experiments_testing.write_fake_data(
+      str(tmp_path_factory.mktemp("data")), n_train=160, n_test=40)
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _flags(config) -> list:
+  """``tiny_config``'s fields as command-line overrides of its config file."""
+  c = config
+  return [
+      f"--config={experiments_testing.repo_root()}/experiments/configs/"
+      "mnist_mlp.py:runlocal",
+      f"--config.batch_size={c.batch_size}",
+      f"--config.model.features={tuple(c.model.features)}",
+      f"--config.sampler.tau_threshold={c.sampler.tau_threshold}",
+      f"--config.num_steps={c.num_steps}",
+      f"--config.steps_per_dispatch={c.steps_per_dispatch}",
+      f"--config.log_every_steps={c.log_every_steps}",
+      f"--config.eval_every_steps={c.eval_every_steps}",
+      f"--config.eval_batch_size={c.eval_batch_size}",
+      f"--config.checkpoint_every_steps={c.checkpoint_every_steps}",
+      f"--config.data_on_device={c.data_on_device}",
+      "--config.progress_bar=False",
+      "--config.num_devices=0",            # all 4 devices of the 2 processes
+  ]
+
+
+def launch_two_processes(config, workdir: str) -> None:
+  """``config`` through experiments.main as 2 processes x 2 CPU devices."""
+  env = experiments_testing.cache_env()
+  env.update(JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env[input_pipeline.DATA_DIR_ENV] = config.dataset.data_dir
+  port = _free_port()
+  logs = [open(f"{workdir}.log{i}", "w+") for i in range(2)]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "experiments.main", f"--workdir={workdir}",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2",
+       f"--process_id={i}"] + _flags(config),
+      cwd=experiments_testing.repo_root(), env=env, stdout=logs[i],
+      stderr=subprocess.STDOUT) for i in range(2)]
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    # A process that fails leaves the other waiting in a collective: stop
+    # both as soon as one fails, or at the deadline.
+    while any(p.poll() is None for p in procs):
+      if time.monotonic() > deadline or any(p.poll() for p in procs):
+        break
+      time.sleep(0.2)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    log.seek(0)
+    text = log.read()
+    log.close()
+    assert p.returncode == 0, (
+        f"process {i} exited with {p.returncode} (killed at the {TIMEOUT_S} s "
+        f"deadline or after the other failed):\n{text[-4000:]}")
+
+
+def restore(workdir: str, step: int, template):
+  """The jis state of ``workdir``'s checkpoint ``step``, on one device."""
+  ckpt = train.Checkpointer(os.path.join(workdir, "checkpoints"), 2)
+  try:
+    restored, _ = ckpt.restore(step, {
+        "jis": template, "data": {"epoch": np.int32(0), "offset": np.int32(0)}})
+  finally:
+    ckpt.close()
+  return restored["jis"]
+
+
+def assert_close_state(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
+                               atol=1e-6)
+
+
+def final_eval(workdir: str) -> dict:
+  return [r for r in train.read_metrics(workdir) if "eval/test_loss" in r][-1]
+
+
+def test_two_processes_match_one_and_resume_on_one(fake_data, tmp_path):
+  """Streamed data: each process loads its half of every presample."""
+  config = lambda steps: tiny_config(fake_data, num_steps=steps,
+                                     data_on_device=False)
+  whole = train.train_and_evaluate(config(6), str(tmp_path / "whole"))
+  three = train.train_and_evaluate(config(3), str(tmp_path / "three"))
+  split = str(tmp_path / "split")
+  launch_two_processes(config(3), split)
+
+  # Process 0 alone wrote the config and the log: every line once.
+  with open(os.path.join(split, "config.json")) as f:
+    assert json.load(f)["num_steps"] == 3
+  records = train.read_metrics(split)
+  assert [r["step"] for r in records if "eval/test_loss" in r] == [0, 3]
+  assert [r["step"] for r in records if "train/loss" in r] == [3]
+  expected = train.read_metrics(str(tmp_path / "three"))
+  for got, want in zip(records, expected):
+    for key in ("train/loss", "eval/test_loss", "is/tau"):
+      if key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+  assert_close_state(restore(split, 3, three.state), three.state)
+
+  # Saved by 2 processes, resumed by 1: ends where the uninterrupted run does.
+  resumed = train.train_and_evaluate(config(6), split)
+  assert resumed.step == 6
+  assert_close_state(resumed.state, whole.state)
+  assert final_eval(split)["eval/test_loss"] == pytest.approx(
+      final_eval(str(tmp_path / "whole"))["eval/test_loss"], rel=1e-5)
+
+
+def test_one_process_checkpoint_resumes_on_two(fake_data, tmp_path):
+  """On-device data: replicated on every process, gathered inside the jit."""
+  whole = train.train_and_evaluate(tiny_config(fake_data, num_steps=6),
+                                   str(tmp_path / "whole"))
+  split = str(tmp_path / "split")
+  train.train_and_evaluate(tiny_config(fake_data, num_steps=3), split)
+  launch_two_processes(tiny_config(fake_data, num_steps=6), split)
+
+  assert_close_state(restore(split, 6, whole.state), whole.state)
+  records = train.read_metrics(split)
+  assert [r["step"] for r in records if "eval/test_loss" in r] == [0, 3, 6]
+  assert final_eval(split)["eval/test_loss"] == pytest.approx(
+      final_eval(str(tmp_path / "whole"))["eval/test_loss"], rel=1e-5)
