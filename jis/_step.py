@@ -487,6 +487,25 @@ def importance_step(
         "is/variance_reduction": _variance.variance_reduction(scores),
     }
 
+  def score_and_select(inner, pool, table, t_states, p_state, step_count, key,
+                       n_train):
+    """Scores ``pool`` (from the score table or a forward pass), transforms and
+    sanitises the scores, and lets the policy draw ``n_train`` of its rows."""
+    score_presample = lambda: _indexed.score_in_chunks(
+        lambda chunk: scores_of(inner, chunk), pool, layout)
+    if score_table is None:
+      raw, fresh, extra = score_presample(), False, {}
+    else:
+      raw, table, fresh, extra = _stale.presample_scores(
+          score_table, table, pool, step_count, score_presample)
+    scores, t_states = transform(raw, t_states)
+    scores, fallback = _sanitize(scores)
+    sel, selected = _indexed.select(
+        policy, key, scores, p_state, pool, n_train, layout)
+    weights = jnp.asarray(sel.weights, jnp.float32)
+    return (raw, scores, fallback, sel, selected, weights, table, t_states,
+            fresh, extra)
+
   def step(state: ImportanceState, batch: PyTree):
     if not isinstance(state, ImportanceState):
       raise TypeError("step(state, batch) needs the ImportanceState made by "
@@ -499,18 +518,9 @@ def importance_step(
     def importance_branch(operands, n_scored=big_b, n_train=b):
       inner, cond_state, t_states, p_state, table = operands
       pool = _indexed.head(batch, n_scored)  # the rows scored
-      score_presample = lambda: _indexed.score_in_chunks(
-          lambda chunk: scores_of(inner, chunk), pool, layout)
-      if score_table is None:
-        raw, extra = score_presample(), {}
-      else:
-        raw, table, fresh, extra = _stale.presample_scores(
-            score_table, table, pool, state.step, score_presample)
-      scores, t_states = transform(raw, t_states)
-      scores, fallback = _sanitize(scores)
-      sel, selected = _indexed.select(
-          policy, select_key, scores, p_state, pool, n_train, layout)
-      weights = jnp.asarray(sel.weights, jnp.float32)
+      (raw, scores, fallback, sel, selected, weights, table, t_states, fresh,
+       extra) = score_and_select(inner, pool, table, t_states, p_state,
+                                 state.step, select_key, n_train)
       new_inner, metrics, logits = call_train_step(inner, selected, weights)
       if score_table is not None:
         if logits is not None:
@@ -609,18 +619,9 @@ def importance_step(
 
     def choose_importance(small):
       cond_state, t_states, p_state, table = small
-      score_presample = lambda: _indexed.score_in_chunks(
-          lambda chunk: scores_of(inner, chunk), batch, layout)
-      if score_table is None:
-        raw, fresh, extra = score_presample(), False, {}
-      else:
-        raw, table, fresh, extra = _stale.presample_scores(
-            score_table, table, batch, state.step, score_presample)
-      scores, t_states = transform(raw, t_states)
-      scores, fallback = _sanitize(scores)
-      sel, selected = _indexed.select(
-          policy, select_key, scores, p_state, batch, b, layout)
-      weights = jnp.asarray(sel.weights, jnp.float32)
+      (raw, scores, fallback, sel, selected, weights, table, t_states, fresh,
+       extra) = score_and_select(inner, batch, table, t_states, p_state,
+                                 state.step, select_key, b)
       cond_state = condition.update(cond_state, scores, state.step)
       seen = (raw, scores, jnp.asarray(sel.probs, jnp.float32), fallback,
               extra)
