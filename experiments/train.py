@@ -25,6 +25,7 @@ dispatch. Only process 0 writes.
 """
 
 import dataclasses
+import functools
 import json
 import logging as std_logging
 import math
@@ -509,6 +510,31 @@ def _quiet_orbax() -> None:
     absl_handler.addFilter(keep)
 
 
+def _convolution_in_a_loop(hlo: str) -> bool:
+  """Whether a compiled program's HLO text runs a convolution in the body of
+  a ``while`` (directly or through the computations that body calls)."""
+  blocks, current = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+    if head:
+      current = head.group(1)
+      blocks[current] = []
+    elif current is not None:
+      blocks[current].append(line)
+  texts = {name: "\n".join(lines) for name, lines in blocks.items()}
+  todo = set(re.findall(r"body=%([\w.\-]+)", hlo))
+  seen = set()
+  while todo:
+    name = todo.pop()
+    seen.add(name)
+    text = texts.get(name, "")
+    if " convolution(" in text:
+      return True
+    todo |= {n for n in re.findall(r"%([\w.\-]+)", text)
+             if n in texts and n not in seen}
+  return False
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> Result:
   """Trains and evaluates as ``config`` says, logging to ``workdir``."""
@@ -607,8 +633,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # ---- the jitted programs ----
   k_steps = max(1, int(config.steps_per_dispatch))
 
-  def run_steps(loop: Loop, batches, train_data, prep_params, keys, stop_step):
-    """``k_steps`` steps; those at or past ``stop_step`` do nothing."""
+  unroll = bool(config.get("scan_unroll", False))
+
+  def run_steps(loop: Loop, batches, train_data, prep_params, keys, *,
+                num_steps: int):
+    """``num_steps`` steps in one program; the metrics averaged over them.
+
+    ``num_steps`` is static: a run dispatches chunks of ``k_steps`` and, when
+    its step budget is not a multiple of ``k_steps``, one shorter chunk at
+    the end (a second program, compiled up front). No step is wrapped in a
+    conditional: a ``lax.cond`` returning the ``Loop`` would copy every state
+    buffer on every step (docs/performance_notes.md).
+    """
 
     def one(loop, host_batch):
       step = loop.jis.step
@@ -632,24 +668,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       bad = ~jnp.isfinite(metrics["train/loss"])
       first_bad = jnp.where(bad & (loop.first_bad_step == _NO_BAD_STEP), step,
                             loop.first_bad_step)
+      metrics = jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
       return loop.replace(jis=new_jis, first_bad_step=first_bad), metrics
 
-    def body(loop, host_batch):
-      shapes = jax.eval_shape(one, loop, host_batch)[1]
-      skip = lambda loop, _: (loop, jax.tree.map(
-          lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-      active = loop.jis.step < stop_step
-      loop, metrics = jax.lax.cond(active, one, skip, loop, host_batch)
-      return loop, (metrics, active.astype(jnp.float32))
-
-    loop, (metrics, active) = jax.lax.scan(body, loop, batches, length=k_steps)
-    count = jnp.maximum(jnp.sum(active), 1.0)
-    means = jax.tree.map(
-        lambda m: jnp.tensordot(active, m.astype(jnp.float32), axes=1) / count,
-        metrics)
-    return loop, means
-
-  chunk_fn = jax.jit(run_steps, donate_argnums=0)
+    if batches is not None:   # a streamed chunk of k_steps batches
+      batches = jax.tree.map(lambda x: x[:num_steps], batches)
+    if num_steps == 1:   # no loop at all
+      return one(loop, None if batches is None else
+                 jax.tree.map(lambda x: x[0], batches))
+    loop, metrics = jax.lax.scan(one, loop, batches, length=num_steps,
+                                 unroll=unroll)
+    return loop, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
   eval_bs = max(n_dev, int(config.eval_batch_size) // n_dev * n_dev)
 
@@ -730,25 +759,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           batches), positions
     return jax.device_put(batches, stream_sharding), positions
 
-  # Compile before the clock starts (the first dispatch would otherwise count
-  # compilation as training time).
-  t_compile = time.perf_counter()
-  probe_batches = (None if on_device else jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((k_steps, big_b) + x.shape[1:], x.dtype,
-                                     sharding=stream_sharding),
-      {**dataset.train, "index": np.zeros((1,), np.int32)}))
-  chunk_fn = chunk_fn.lower(loop, probe_batches, train_data, prep_params, keys,
-                            np.int32(0)).compile()
-  logging.info("Compiled the training program in %.1f s.",
-               time.perf_counter() - t_compile)
-
-  # ---- budgets and cadences ----
+  # ---- budgets ----
   steps_per_epoch = n_train / b
   stop_step = _NO_BAD_STEP
   if config.num_steps > 0:
     stop_step = min(stop_step, int(config.num_steps))
   if config.num_epochs > 0:
     stop_step = min(stop_step, int(math.ceil(config.num_epochs * steps_per_epoch)))
+
+  # Compile before the clock starts (the first dispatch would otherwise count
+  # compilation as training time): the k_steps program and, when the step
+  # budget leaves a remainder, the one for the last, shorter chunk.
+  t_compile = time.perf_counter()
+  probe_batches = (None if on_device else jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((k_steps, big_b) + x.shape[1:], x.dtype,
+                                     sharding=stream_sharding),
+      {**dataset.train, "index": np.zeros((1,), np.int32)}))
+  chunk_sizes = {k_steps}
+  if stop_step != _NO_BAD_STEP and stop_step > start_step:
+    chunk_sizes.add((stop_step - start_step) % k_steps or k_steps)
+  chunk_fns = {
+      n: jax.jit(functools.partial(run_steps, num_steps=n), donate_argnums=0)
+      .lower(loop, probe_batches, train_data, prep_params, keys).compile()
+      for n in sorted(chunk_sizes)}
+  logging.info("Compiled the training program%s in %.1f s.",
+               "s" if len(chunk_fns) > 1 else "",
+               time.perf_counter() - t_compile)
+  if (jax.default_backend() == "cpu" and k_steps > 1 and
+      _convolution_in_a_loop(chunk_fns[k_steps].as_text())):
+    logging.warning(
+        "XLA:CPU runs convolutions several times slower inside a loop body "
+        "(jax-ml/jax#12868; ~20x measured on the MNIST CNN), and this program "
+        "loops over steps_per_dispatch=%d steps: on a CPU pass "
+        "--config.steps_per_dispatch=1 (no loop) or --config.scan_unroll=True.",
+        k_steps)
+
+  # ---- cadences ----
   seconds_budget = float(config.train_seconds or 0.0)
 
   def crossed(prev: int, cur: int, every_steps: float) -> bool:
@@ -825,12 +871,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     while step < stop_step and not (seconds_budget and
                                     clock.read() >= seconds_budget):
       batches, positions = next_batches()
-      loop, metrics = chunk_fn(loop, batches, train_data, prep_params, keys,
-                               np.int32(stop_step))
+      n = min(k_steps, stop_step - step)
+      loop, metrics = chunk_fns[n](loop, batches, train_data, prep_params, keys)
       if pending is not None:
         jax.block_until_ready(pending)   # keep one chunk in flight, no more
       pending = metrics
-      prev, step = step, min(step + k_steps, stop_step)
+      prev, step = step, step + n
       if positions is not None:
         host_position = positions[step - prev - 1]
       last_metrics = metrics

@@ -19,10 +19,17 @@ Array = jax.Array
 
 
 class Condition(NamedTuple):
-  """A switch condition (see the module docstring)."""
+  """A switch condition (see the module docstring).
+
+  ``constant`` is ``True`` or ``False`` when ``active`` is known before the
+  run to always return that value (:func:`always`, :func:`never`, a threshold
+  of 0 or inf): the step then compiles only that branch, with no
+  ``lax.cond``. ``None`` (the default) when it depends on the state.
+  """
   init: Callable[[int, int], Any]
   active: Callable[[Any, Array], Array]
   update: Callable[[Any, Array, Array], Any]
+  constant: Optional[bool] = None
 
 
 class EmaState(NamedTuple):
@@ -58,7 +65,8 @@ def _ema_condition(name: str, threshold: Optional[float], momentum: float,
   def update(state, scores, step):
     value = momentum * state.value + (1.0 - momentum) * statistic(scores)
     return state._replace(value=value)
-  return Condition(init, active, update)
+  constant = {0: True, float("inf"): False}.get(threshold)
+  return Condition(init, active, update, constant)
 
 
 def when_variance_reduced(threshold: Optional[float] = None,
@@ -131,11 +139,11 @@ def always() -> Condition:
   """Resample at every step."""
   return Condition(lambda presample_size, batch_size: (),
                    lambda state, step: jnp.asarray(True),
-                   lambda state, scores, step: state)
+                   lambda state, scores, step: state, constant=True)
 
 
 def never() -> Condition:
   """Never resample: plain uniform training on the first b examples."""
   return Condition(lambda presample_size, batch_size: (),
                    lambda state, step: jnp.asarray(False),
-                   lambda state, scores, step: state)
+                   lambda state, scores, step: state, constant=False)

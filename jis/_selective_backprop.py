@@ -40,6 +40,24 @@ def append_scores(state: SelectiveBackpropState,
       position=(state.position + n) % size)
 
 
+def order_keys(values: Array) -> Array:
+  """int32 keys ordered as the float32 ``values``: ``k(x) < k(y)`` iff x < y.
+
+  ``-0`` and ``+0`` get one key (as do all NaNs, above ``+inf``), which is
+  the order ``jnp.sort`` and ``jnp.searchsorted`` use; values that compare
+  equal to zero on the device (subnormals, where it flushes them) get zero's.
+  XLA:CPU sorts int32 keys about 4x faster than float32 values, whose sort
+  comparator canonicalises both operands at every comparison.
+  """
+  x = jnp.asarray(values, jnp.float32)
+  x = jnp.where(x == 0, jnp.zeros_like(x), x)
+  x = jnp.where(jnp.isnan(x), jnp.full_like(x, jnp.nan), x)
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  # Sign-magnitude to two's complement: a negative float's magnitude bits
+  # count the wrong way.
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
 def percentile_of_scores(state: SelectiveBackpropState, scores: Array) -> Array:
   """Fraction of the filled history below each score, ties counting half.
 
@@ -50,9 +68,11 @@ def percentile_of_scores(state: SelectiveBackpropState, scores: Array) -> Array:
   """
   size = state.history.shape[0]
   filled = jnp.arange(size) < state.count
-  ordered = jnp.sort(jnp.where(filled, state.history, jnp.inf))
-  below = jnp.searchsorted(ordered, scores, side="left")
-  at_or_below = jnp.searchsorted(ordered, scores, side="right")
+  # The counts compare order keys, not floats: the same counts, cheaper sort.
+  ordered = jnp.sort(order_keys(jnp.where(filled, state.history, jnp.inf)))
+  keys = order_keys(scores)
+  below = jnp.searchsorted(ordered, keys, side="left")
+  at_or_below = jnp.searchsorted(ordered, keys, side="right")
   count = jnp.maximum(state.count, 1).astype(jnp.float32)
   return (below + at_or_below).astype(jnp.float32) / (2.0 * count)
 

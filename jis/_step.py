@@ -319,14 +319,18 @@ def importance_step(
     raise TypeError(f"policy must be a jis.Policy (e.g. jis.importance_sampling());"
                     f" got {type(policy).__name__}.")
 
+  default_threshold = None   # the default condition's τ threshold
   if condition is None:
     if tau_threshold is None and budget is not None:
-      condition = _conditions.when_variance_reduced(
-          budget.tau_threshold(big_b, b), tau_momentum)
+      default_threshold = budget.tau_threshold(big_b, b)
+      condition = _conditions.when_variance_reduced(default_threshold,
+                                                    tau_momentum)
     elif tau_threshold is None and score_table is not None:
       # Eq. 29 prices a presample forward pass that stale scores do not make.
       condition = _conditions.always()
     else:
+      default_threshold = (_variance.tau_threshold(big_b, b)
+                           if tau_threshold is None else tau_threshold)
       condition = _conditions.when_variance_reduced(tau_threshold, tau_momentum)
   elif tau_threshold is not None:
     raise ValueError(
@@ -335,6 +339,21 @@ def importance_step(
   if not isinstance(condition, _conditions.Condition):
     raise TypeError(f"condition must be a jis.Condition (e.g. jis.always()); got "
                     f"{type(condition).__name__}.")
+  if condition.constant not in (None, True, False):
+    raise TypeError("condition.constant must be None, True or False; got "
+                    f"{condition.constant!r}.")
+  # Known before the run: compile one branch and no lax.cond. Uniform scores
+  # have τ = 1, so the default condition's threshold above 1 never fires.
+  static_active = condition.constant
+  if (static_active is None and score_.name == "uniform" and
+      default_threshold is not None and default_threshold > 1.01):
+    static_active = False
+
+  def branch(pred, on_true, on_false, operands):
+    """``lax.cond``, or the one branch ``static_active`` names."""
+    if static_active is None:
+      return jax.lax.cond(pred, on_true, on_false, operands)
+    return (on_true if static_active else on_false)(operands)
 
   if adaptive_smooth and not smooth > 0:
     raise ValueError("adaptive_smooth=True scales smooth by a moving average of "
@@ -573,11 +592,13 @@ def importance_step(
     if active.shape != () or active.dtype != jnp.bool_:
       raise TypeError("condition.active must return a scalar bool; got "
                       f"{active.dtype}{list(active.shape)}.")
+    if static_active is not None:
+      active = jnp.asarray(static_active)
     if buckets is not None:
       # The buckets train on different batch sizes: each branch runs its own
       # train_step.
       inner, metrics, cond_state, t_states, p_state, table, extra = \
-          jax.lax.cond(active, resample_branch, uniform_branch, operands)
+          branch(active, resample_branch, uniform_branch, operands)
     else:
       inner, metrics, cond_state, t_states, p_state, table, extra = \
           train_once(state, batch, active, select_key)
@@ -642,8 +663,7 @@ def importance_step(
               jnp.zeros((), jnp.bool_), small, seen, trained)
 
     (selected, weights, indices, fresh, small, seen,
-     scored_before) = jax.lax.cond(active, choose_importance, choose_uniform,
-                                   small)
+     scored_before) = branch(active, choose_importance, choose_uniform, small)
     if layout.mesh is not None:
       selected = _sharding.constrain(selected, layout, 0)
       weights = _sharding.constrain(weights, layout, 0)
@@ -683,8 +703,7 @@ def importance_step(
           **is_metrics(raw, scores, jnp.arange(b), weights, probs, fallback,
                        0.0), **extra}
 
-    small, extra = jax.lax.cond(active, finish_importance, finish_uniform,
-                                small)
+    small, extra = branch(active, finish_importance, finish_uniform, small)
     cond_state, t_states, p_state, table = small
     return new_inner, metrics, cond_state, t_states, p_state, table, extra
 

@@ -7,6 +7,7 @@ and writes the JSON that ``report`` turns into docs/benchmarks.md.
 import json
 import os
 
+import numpy as np
 import pytest
 
 import experiments_testing
@@ -51,18 +52,39 @@ def test_step_cost(out_dir):
 def test_scoring_scale(out_dir):
   path = os.path.join(out_dir, "scoring_scale.json")
   scoring_scale.run(models=("mlp",), b=8, sizes=(16, 64), chunk=16, repeats=1,
-                    out=path, argv=["scoring_scale.py", "--smoke"])
+                    mem_steps=1, calibrate_mib=32, out=path,
+                    argv=["scoring_scale.py", "--smoke"])
   r = _read(path)
   _check_header(r)
   rows = {(x["B"], x["mode"]): x for x in r["rows"]}
   assert set(rows) == {(16, "all_at_once"), (16, "chunked"),
                        (64, "all_at_once"), (64, "chunked")}
   assert rows[(64, "chunked")]["forward_batch_size"] == 16
-  # Chunked scoring needs no more temporary memory than scoring at once (up
-  # to the loop's bookkeeping: at this size the train step's buffers dominate).
-  big_all, big_chunked = rows[(64, "all_at_once")], rows[(64, "chunked")]
-  if big_all["temp_bytes"] is not None:
-    assert big_chunked["temp_bytes"] <= big_all["temp_bytes"] + 2**16
+  # The presample (28x28 floats and an int label per example) is an argument.
+  assert rows[(64, "all_at_once")]["presample_bytes"] == 64 * (784 + 1) * 4
+  for row in r["rows"]:
+    assert row["step_ms"] > 0
+    if row["memory_method"] is not None:
+      assert row["peak_delta_bytes"] >= 0
+      assert row["peak_bytes"] == row["rss_before_bytes"] + row[
+          "peak_delta_bytes"]
+  # The meter reads a known 32 MiB allocation (it is sensitive and does not
+  # count what was resident before).
+  cal = r["calibration"]
+  if cal["memory_method"] == "vmhwm_reset":
+    assert 31 * 2**20 <= cal["peak_delta_bytes"] <= 34 * 2**20
+  assert "Calibration" in scoring_scale.memory_note(r)
+
+
+def test_peak_memory_without_clear_refs(monkeypatch):
+  if scoring_scale._proc_status() is None:  # pylint: disable=protected-access
+    pytest.skip("no /proc/self/status")
+  monkeypatch.setattr(scoring_scale, "_reset_peak", lambda: False)
+  kept = []
+  m = scoring_scale.peak_memory(
+      lambda: kept.append(np.ones(2**23, np.float32)), 1, settle_s=0.0)
+  assert m["memory_method"] == "rss_polling"
+  assert m["peak_delta_bytes"] >= 30 * 2**20   # the 32 MiB array
 
 
 def test_convergence(out_dir, tmp_path):
@@ -93,3 +115,19 @@ def test_report(out_dir):
                   "## Scaling of scoring"):
     assert heading in text
   assert "*Machine:*" in text and "python -m experiments.benchmarks" in text
+
+
+def test_readme_summary_fills_only_the_marked_block(out_dir, tmp_path):
+  readme = tmp_path / "README.md"
+  readme.write_text(f"# title\n{report.README_START}\nold\n{report.README_END}"
+                    "\n## after\n")
+  summary = report.readme_summary(out_dir, "docs/benchmarks")
+  assert "**Step cost**" in summary and "**Scaling of scoring**" in summary
+  assert "**Convergence per second**" in summary and "uniform" in summary
+  report.update_readme(str(readme), summary)
+  text = readme.read_text()
+  assert text.startswith("# title\n") and text.endswith("\n## after\n")
+  assert "old" not in text and summary in text
+  readme.write_text("# no markers\n")
+  with pytest.raises(ValueError, match="benchmarks:start"):
+    report.update_readme(str(readme), summary)

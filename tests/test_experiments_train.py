@@ -96,6 +96,28 @@ def test_streaming_from_the_host_equals_on_device_data(fake_data, tmp_path):
       streamed.eval["eval/test_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("chunking", [
+    dict(steps_per_dispatch=3),                       # 3 + 3 + a 1-step tail
+    dict(steps_per_dispatch=1),                       # no loop at all
+    dict(steps_per_dispatch=2, scan_unroll=True, data_on_device=False),
+])
+def test_chunking_does_not_change_the_run(fake_data, tmp_path, chunking):
+  # 7 steps: the chunked runs end with a shorter chunk (its own program).
+  reference = train.train_and_evaluate(
+      tiny_config(fake_data, num_steps=7, steps_per_dispatch=7),
+      str(tmp_path / "reference"))
+  chunked = train.train_and_evaluate(
+      tiny_config(fake_data, num_steps=7, **chunking), str(tmp_path / "chunked"))
+  assert chunked.step == reference.step == 7
+  assert int(chunked.state.step) == 7
+  for x, y in zip(jax.tree.leaves(reference.state.inner.params),
+                  jax.tree.leaves(chunked.state.inner.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
+                               atol=1e-6)
+  np.testing.assert_allclose(np.asarray(reference.state.tau),
+                             np.asarray(chunked.state.tau), rtol=1e-5)
+
+
 def test_data_parallel_over_two_devices_matches_one(fake_data, tmp_path):
   if len(jax.devices()) < 2:
     pytest.skip("needs 2 devices (conftest.py asks XLA for 8 CPU devices)")
@@ -172,3 +194,20 @@ def test_stale_scores_get_dataset_indices(fake_data, tmp_path, data_on_device):
   tables = [np.asarray(x) for x in jax.tree.leaves(result.state)
             if np.shape(x) == (160,) and np.asarray(x).dtype == np.float32]
   assert tables and any(np.isfinite(t).sum() > 0 for t in tables)
+
+
+@pytest.mark.parametrize("chunking, warned", [
+    (dict(steps_per_dispatch=2), True),
+    (dict(steps_per_dispatch=1), False),
+    (dict(steps_per_dispatch=2, scan_unroll=True), False),
+])
+def test_convolutions_in_a_cpu_loop_are_reported(fake_data, tmp_path, caplog,
+                                                 chunking, warned):
+  if jax.default_backend() != "cpu":
+    pytest.skip("the warning is about XLA:CPU")
+  c = tiny_config(fake_data, num_steps=2, **chunking)
+  c.model = dict(name="cnn", conv_dropout_rate=0.0, dense_dropout_rate=0.0)
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(c, str(tmp_path))
+  messages = [r.getMessage() for r in caplog.records]
+  assert any("jax-ml/jax#12868" in m for m in messages) == warned, messages

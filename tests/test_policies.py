@@ -162,6 +162,28 @@ def test_sb_percentile_matches_numpy_through_the_ring_buffer():
     np.testing.assert_allclose(got, _numpy_percentile(buffer, query), rtol=1e-6)
 
 
+def test_sb_order_keys_compare_like_the_floats():
+  x = np.array([-np.inf, -3e38, -1.5, -1e-3, -0.0, 0.0, 1e-3, 1.0, 1.0, 2.5,
+                3e38, np.inf], np.float32)
+  keys = np.asarray(_selective_backprop.order_keys(jnp.asarray(x)))
+  assert keys.dtype == np.int32
+  np.testing.assert_array_equal(keys[:, None] < keys[None, :],
+                                x[:, None] < x[None, :])
+  np.testing.assert_array_equal(keys[:, None] == keys[None, :],
+                                x[:, None] == x[None, :])
+
+
+def test_sb_percentile_matches_numpy_with_signed_zeros_and_negatives():
+  # The percentile compares order keys: -0 ties +0, negatives and huge values
+  # keep their places, and the unfilled slots (4 of 12) are never counted.
+  history = np.array([-2.0, -0.0, 0.0, 0.5, 0.5, 7.0, 3e38, -1e-3], np.float32)
+  state = _selective_backprop.append_scores(
+      jis.selective_backprop(history=12).init(4, 2), jnp.asarray(history))
+  query = np.array([-0.0, 0.0, 0.5, -2.0, 3e38, -5.0, 1.0, 3.4e38], np.float32)
+  got = _selective_backprop.percentile_of_scores(state, jnp.asarray(query))
+  np.testing.assert_allclose(got, _numpy_percentile(history, query), rtol=1e-6)
+
+
 def test_sb_selection_probability_is_percentile_to_the_beta():
   rng = np.random.default_rng(4)
   beta, size = 2.0, 32

@@ -227,7 +227,8 @@ def test_compiles_once_across_branches_and_many_calls():
 
 
 def test_no_host_callbacks_and_one_cond():
-  sampler = _sampler()
+  # warmup(0): active from the first step, but through a traced predicate.
+  sampler = _sampler(tau_threshold=None, condition=jis.warmup(0))
   state = sampler.init(_params(), jax.random.key(0))
   jaxpr = jax.make_jaxpr(sampler.step)(state, _presample(12))
   text = str(jaxpr)
@@ -243,7 +244,7 @@ def test_no_host_callbacks_and_one_cond():
 def test_scanned_donated_step_copies_no_parameter_buffer():
   # A cond that returns the train state made XLA copy every parameter out of
   # it on each step; the train step now runs outside the conds.
-  sampler = _sampler()
+  sampler = _sampler(tau_threshold=None, condition=jis.warmup(0))
   params = jnp.zeros((37, 41))   # a shape no other buffer has
 
   def run(state, batches):
@@ -366,8 +367,10 @@ def test_uniform_step_uses_train_logits_instead_of_a_forward_pass():
   def counting_logits(state, batch):
     calls.append(jax.tree.leaves(batch)[0].shape[0])
     return _bn_logits(state, batch)
+  # A threshold no τ reaches, but not a constant one (inf would compile the
+  # uniform branch alone).
   sampler = jis.importance_step(_bn_train_step, counting_logits, batch_size=8,
-                                presample=2.0, tau_threshold=float("inf"))
+                                presample=2.0, tau_threshold=1e30)
   state = sampler.init(_bn_state(), jax.random.key(0))
   jax.make_jaxpr(sampler.step)(state, _presample(16))
   assert calls == [16]  # traced for the importance branch only
@@ -377,7 +380,7 @@ def test_uniform_step_uses_train_logits_instead_of_a_forward_pass():
     return state, {"loss": metrics["loss"]}
   calls.clear()
   sampler = jis.importance_step(no_logits_step, counting_logits, batch_size=8,
-                                presample=2.0, tau_threshold=float("inf"))
+                                presample=2.0, tau_threshold=1e30)
   jax.make_jaxpr(sampler.step)(sampler.init(_bn_state(), jax.random.key(0)),
                                _presample(16))
   assert sorted(calls) == [8, 16]  # forward of b on the uniform branch
@@ -391,6 +394,42 @@ def test_uniform_score_makes_no_forward_pass():
   state, metrics = jax.jit(sampler.step)(sampler.init(_params(), jax.random.key(0)),
                                          _presample(12))
   assert float(metrics["is/variance_reduction"]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("constant, traced, kwargs", [
+    (dict(tau_threshold=float("inf")), [4], dict(tau_threshold=1e30)),
+    (dict(condition=jis.never()), [4], dict(tau_threshold=1e30)),
+    # Uniform scores have τ = 1: eq. 29's threshold (2 here) is never crossed.
+    (dict(score="uniform"), [], dict(score="uniform", tau_threshold=1e30)),
+    (dict(tau_threshold=0.0), [12], dict(condition=jis.warmup(0))),
+    (dict(condition=jis.always()), [12], dict(condition=jis.warmup(0))),
+])
+def test_a_constant_condition_compiles_one_branch_without_a_cond(
+    constant, traced, kwargs):
+  calls = []
+
+  def counting_logits(params, batch):
+    calls.append(batch["x"].shape[0])
+    return _linear_logits(params, batch)
+
+  def make(**kw):
+    return jis.importance_step(_linear_train_step, counting_logits,
+                               batch_size=4, presample=3.0, **kw)
+  sampler, reference = make(**constant), make(**kwargs)
+  state = sampler.init(_params(), jax.random.key(0))
+  jaxpr = jax.make_jaxpr(sampler.step)(state, _presample(12))
+  assert calls == traced   # [4]: trained rows' scores; [12]: the presample
+  assert not [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+  # The same steps as the traced condition that takes the same branch.
+  ref_state = reference.init(_params(), jax.random.key(0))
+  step, ref_step = jax.jit(sampler.step), jax.jit(reference.step)
+  for i in range(3):
+    state, metrics = step(state, _presample(12, seed=i))
+    ref_state, ref_metrics = ref_step(ref_state, _presample(12, seed=i))
+    np.testing.assert_allclose(state.inner, ref_state.inner, rtol=1e-6)
+    assert float(metrics["is/active"]) == float(ref_metrics["is/active"])
+    np.testing.assert_allclose(metrics["is/tau"], ref_metrics["is/tau"],
+                               rtol=1e-6)
 
 
 # ---------------------------------------------------------------- pytree batches

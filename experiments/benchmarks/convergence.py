@@ -12,7 +12,12 @@ seeds, measured first), or ``--budget_seconds`` when given.
 
   python -m experiments.benchmarks.convergence --quick          # < 2 min
   python -m experiments.benchmarks.convergence --models=mlp     # full MLP
-  python -m experiments.benchmarks.convergence --models=cnn --budget_seconds=300
+  python -m experiments.benchmarks.convergence --models=cnn \
+      --budget_seconds=60 --eval_points=3 \
+      --out runs/benchmarks/convergence_cnn.json   # ~35 min on 2 CPU cores
+
+The CNN runs one step per dispatch on a CPU (XLA:CPU runs convolutions
+inside a loop body many times slower; docs/performance_notes.md).
 
 Targets (issue 5): at a budget of 10 uniform epochs, upper-bound IS reaches
 <= 1/5 of uniform's training loss and no worse test error, and reaches
@@ -20,6 +25,7 @@ uniform's final training loss in <= 1/3 of the time.
 """
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -29,6 +35,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from absl import logging
+import jax
 import numpy as np
 
 from experiments.benchmarks import common
@@ -39,9 +46,12 @@ METHODS = {
     "upper_bound": {"score": "upper_bound"},
     "loss": {"score": "loss"},
     "biased_k0.5": {"score": "loss", "k": 0.5},
+    # forward_batch_size: XLA:CPU's fused MLP forward over exactly 512 rows
+    # runs 5-7x slower than over 448 or 576 (docs/performance_notes.md);
+    # scoring in chunks of 256 sidesteps it without changing a score.
     "selective_backprop": {"score": "loss", "presample": 4.0,
                            "policy": "selective_backprop(beta=3.0)",
-                           "condition": "always"},
+                           "condition": "always", "forward_batch_size": 256},
     "stale_scores": {"score": "upper_bound", "score_table": "stale_scores"},
 }
 MODELS = {"mlp": "mnist_mlp", "cnn": "mnist_cnn"}
@@ -49,14 +59,16 @@ MODELS = {"mlp": "mnist_mlp", "cnn": "mnist_cnn"}
 
 def make_config(model: str, method: str, seed: int, data_dir: str,
                 quick: bool, budget_seconds: float = 0.0,
-                budget_epochs: float = 0.0, eval_points: int = 10):
-  """The experiment config of one run."""
+                budget_epochs: float = 0.0, eval_points: int = 10,
+                sampler: Optional[Dict[str, object]] = None):
+  """The experiment config of one run (``sampler``: the method's overrides,
+  ``METHODS[method]`` by default)."""
   import importlib  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(f"experiments.configs.{MODELS[model]}")
   c = module.get_config("runlocal" if quick else "")
   c.dataset.data_dir = data_dir
   c.seed = seed
-  for key, value in METHODS[method].items():
+  for key, value in (METHODS[method] if sampler is None else sampler).items():
     c.sampler[key] = value
   c.progress_bar = False
   c.num_steps = 0
@@ -73,9 +85,11 @@ def make_config(model: str, method: str, seed: int, data_dir: str,
   else:
     c.eval_every_epochs = 0.0
     c.eval_every_seconds = budget_seconds / eval_points
+  if model == "cnn" and jax.default_backend() == "cpu":
+    c.steps_per_dispatch = 1   # convolutions in a loop are slow on XLA:CPU
   if quick:
     c.eval_batch_size = 512
-    c.steps_per_dispatch = 10
+    c.steps_per_dispatch = 10 if model != "cnn" else 1
   return c
 
 
@@ -194,9 +208,15 @@ def run(models: Sequence[str] = ("mlp", "cnn"),
         budget_epochs: float = 10.0, budget_seconds: float = 0.0,
         eval_points: int = 10, quick: bool = False,
         out: Optional[str] = None, workdir: Optional[str] = None,
-        data_dir: Optional[str] = None,
+        data_dir: Optional[str] = None, first_seed: int = 0,
+        extra_methods: Optional[Dict[str, Dict[str, object]]] = None,
         argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-  """Runs the benchmark; writes and returns its JSON."""
+  """Runs the benchmark; writes and returns its JSON.
+
+  ``extra_methods`` adds methods (name -> config.sampler overrides) to
+  ``METHODS``, e.g. for a hyperparameter sweep on seeds from ``first_seed``.
+  """
+  all_methods = {**METHODS, **(extra_methods or {})}
   logging.set_verbosity(logging.WARNING)
   data_dir = data_dir or common.data_dir()
   if data_dir is None:
@@ -205,7 +225,8 @@ def run(models: Sequence[str] = ("mlp", "cnn"),
   out = out or os.path.join(common.DEFAULT_OUT_DIR, "convergence.json")
   workdir = workdir or os.path.join(os.path.dirname(out), "convergence_runs")
   result = {**common.header(argv), "quick": quick, "seeds": seeds,
-            "methods": {m: METHODS[m] for m in methods}, "models": {}}
+            "first_seed": first_seed,
+            "methods": {m: all_methods[m] for m in methods}, "models": {}}
   fractions = [i / eval_points for i in range(1, eval_points + 1)]
   for model in models:
     runs = {m: [] for m in methods}
@@ -215,13 +236,15 @@ def run(models: Sequence[str] = ("mlp", "cnn"),
     # Uniform first: with no budget in seconds it defines the budget.
     order = ["uniform"] + [m for m in methods if m != "uniform"]
     for method in order:
-      for seed in range(seeds):
+      for seed in range(first_seed, first_seed + seeds):
         if method == "uniform" and not budget_seconds:
           cfg = make_config(model, method, seed, data_dir, quick,
-                            budget_epochs=budget_epochs, eval_points=eval_points)
+                            budget_epochs=budget_epochs, eval_points=eval_points,
+                            sampler=all_methods[method])
         else:
           cfg = make_config(model, method, seed, data_dir, quick,
-                            budget_seconds=budget, eval_points=eval_points)
+                            budget_seconds=budget, eval_points=eval_points,
+                            sampler=all_methods[method])
         r = run_one(cfg, os.path.join(workdir, model, f"{method}_s{seed}"))
         r.update(method=method, seed=seed)
         runs[method].append(r)
@@ -271,6 +294,13 @@ def render(model: str, entry: Dict[str, object]) -> str:
           + common.table(rows, cols))
 
 
+def _named_json(arg: str):
+  name, sep, value = arg.partition("=")
+  if not sep or not name:
+    raise ValueError(f"--add_method wants NAME=JSON; got {arg!r}.")
+  return name, json.loads(value)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -280,6 +310,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   p.add_argument("--models", default="mlp,cnn")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--seeds", type=int, default=None)
+  p.add_argument("--first_seed", type=int, default=0)
+  p.add_argument("--add_method", action="append", default=[],
+                 metavar="NAME=JSON",
+                 help="an extra method: its config.sampler overrides as JSON, "
+                 "e.g. 'ub_p5={\"score\": \"upper_bound\", \"presample\": 5}'"
+                 " (name it in --methods too)")
   p.add_argument("--budget_epochs", type=float, default=10.0,
                  help="the budget: uniform's time for this many epochs")
   p.add_argument("--budget_seconds", type=float, default=None,
@@ -298,7 +334,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       out=a.out or os.path.join(common.DEFAULT_OUT_DIR,
                                 "convergence_quick.json" if quick
                                 else "convergence.json"),
-      data_dir=a.data_dir, argv=argv)
+      data_dir=a.data_dir, first_seed=a.first_seed,
+      extra_methods=dict(_named_json(x) for x in a.add_method), argv=argv)
 
 
 if __name__ == "__main__":

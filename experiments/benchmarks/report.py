@@ -3,9 +3,12 @@ r"""Turns the benchmarks' JSON into ``docs/benchmarks.md`` (tables and plots).
   python -m experiments.benchmarks.report [--in_dir runs/benchmarks] \
       [--out docs/benchmarks.md] [--plots docs/benchmarks]
 
-Reads ``step_cost.json``, ``convergence.json`` and ``scoring_scale.json``
-(the ``*_quick.json`` ones with ``--quick``) where present, and names the
-machine, the command, the date and the load of each.
+Reads ``step_cost.json``, ``convergence.json`` (``convergence_cnn.json``
+too, when the CNN ran separately) and ``scoring_scale.json`` (the
+``*_quick.json`` ones with ``--quick``) where present, and names the
+machine, the command, the date and the load of each. It also fills the
+README's results block (between its ``benchmarks:start`` and
+``benchmarks:end`` markers) with the headline numbers.
 """
 
 import argparse
@@ -90,6 +93,20 @@ def step_cost_section(r: Dict, plots: str, rel: str) -> str:
   return "\n".join(text)
 
 
+def targets_sentence(t: Dict) -> str:
+  """The issue's targets for upper-bound IS, met or not, in one sentence."""
+  frac = t["time_fraction_to_uniform_final"]
+  budget = ("" if t["budget_is_10_uniform_epochs"]
+            else ", budget not 10 uniform epochs")
+  return (f"Targets (upper-bound IS vs uniform{budget}): training-loss ratio "
+          f"{t['train_loss_ratio']:.3f} (target ≤ 0.2: "
+          f"{'met' if t['train_loss_met'] else 'not met'}); test error "
+          f"{t['test_error_upper_bound']:.2%} vs {t['test_error_uniform']:.2%} "
+          f"({'met' if t['test_error_met'] else 'not met'}); time to uniform's "
+          f"final loss {'never' if frac is None else f'{frac:.2f}'} of the "
+          f"budget (target ≤ 0.33: {'met' if t['time_met'] else 'not met'}).")
+
+
 def convergence_section(r: Dict, plots: str, rel: str) -> str:
   text = ["## Convergence per second\n", provenance(r),
           f"{r['seeds']} seeds per method; training clock (evaluation and "
@@ -100,15 +117,7 @@ def convergence_section(r: Dict, plots: str, rel: str) -> str:
     text.append(convergence.render(model, entry))
     t = entry.get("targets") or {}
     if t:
-      frac = t["time_fraction_to_uniform_final"]
-      text.append(
-          f"\nTargets (upper-bound IS vs uniform{'' if t['budget_is_10_uniform_epochs'] else ', budget not 10 uniform epochs'}): "
-          f"training-loss ratio {t['train_loss_ratio']:.3f} (target ≤ 0.2: "
-          f"{'met' if t['train_loss_met'] else 'not met'}); test error "
-          f"{t['test_error_upper_bound']:.2%} vs {t['test_error_uniform']:.2%} "
-          f"({'met' if t['test_error_met'] else 'not met'}); time to uniform's "
-          f"final loss {'never' if frac is None else f'{frac:.2f}'} of the "
-          f"budget (target ≤ 0.33: {'met' if t['time_met'] else 'not met'}).\n")
+      text.append(f"\n{targets_sentence(t)}\n")
 
     def draw(plt, entry=entry, model=model):
       fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -136,9 +145,15 @@ def convergence_section(r: Dict, plots: str, rel: str) -> str:
 def scoring_section(r: Dict, plots: str, rel: str) -> str:
   text = ["## Scaling of scoring\n", provenance(r),
           f"b = {r['b']}; one jis step with IS on every step, all B scored at "
-          f"once or in chunks of {r['chunk']} (`forward_batch_size`). Memory "
-          f"from {r['memory_source']}: temporaries (activations) and "
-          "arguments (state + presample batch).\n",
+          f"once or in chunks of {r['chunk']} (`forward_batch_size`). Each row "
+          "runs in a fresh process. *peak Δ*: the resident memory the step's "
+          "execution touched beyond what was resident before it (median of "
+          f"{r.get('mem_steps', '?')} steps): activations and temporaries, "
+          "not the presample batch, which is an argument (*presample MiB*). "
+          "*peak RSS*: the process's absolute high-water mark over that step. "
+          "*XLA est.*: `compiled.memory_analysis()` temporaries, a "
+          "compile-time estimate that on XLA:CPU misses the intermediates of "
+          "library fusions (the MLP's scoring pass).\n",
           scoring_scale.render(r), ""]
 
   def draw(plt):
@@ -149,10 +164,18 @@ def scoring_section(r: Dict, plots: str, rel: str) -> str:
         bs = [x["B"] for x in rows]
         axes[0].loglog(bs, [x["step_ms"] for x in rows], ls, marker="o",
                        label=f"{model} {mode}")
-        axes[1].loglog(bs, [(x["temp_bytes"] or 1) / 2**20 for x in rows], ls,
-                       marker="o", label=f"{model} {mode}")
+        delta = [x.get("peak_delta_bytes") for x in rows]
+        if all(d is not None for d in delta):
+          axes[1].loglog(bs, [max(d, 2**16) / 2**20 for d in delta], ls,
+                         marker="o", label=f"{model} {mode}")
+    presample = {x["B"]: x["presample_bytes"] / 2**20 for x in r["rows"]
+                 if x.get("presample_bytes")}
+    if presample:   # the same for the MNIST models: drawn once
+      bs = sorted(presample)
+      axes[1].loglog(bs, [presample[k] for k in bs], ":", color="gray",
+                     label="presample batch (argument)")
     axes[0].set_title("step time (ms)")
-    axes[1].set_title("temporary memory (MiB)")
+    axes[1].set_title("measured peak memory of the step, Δ RSS (MiB)")
     for ax in axes:
       ax.set_xlabel("presample B")
       ax.legend(fontsize=7)
@@ -175,6 +198,7 @@ def build(in_dir: str = common.DEFAULT_OUT_DIR, out: str = "docs/benchmarks.md",
            "noisy: read the medians with their ranges.\n"]
   for name, section in (("step_cost", step_cost_section),
                         ("convergence", convergence_section),
+                        ("convergence_cnn", convergence_section),
                         ("scoring_scale", scoring_section)):
     r = _load(os.path.join(in_dir, f"{name}{suffix}.json"))
     if r is not None:
@@ -186,6 +210,108 @@ def build(in_dir: str = common.DEFAULT_OUT_DIR, out: str = "docs/benchmarks.md",
   return text
 
 
+README_START = "<!-- benchmarks:start (python -m experiments.benchmarks.report) -->"
+README_END = "<!-- benchmarks:end -->"
+
+
+def _range(values: Sequence[float]) -> str:
+  return f"{min(values):.2f}–{max(values):.2f}"
+
+
+def readme_summary(in_dir: str = common.DEFAULT_OUT_DIR,
+                   plots_rel: str = "docs/benchmarks", suffix: str = "") -> str:
+  """The README's results: the headline numbers of each benchmark JSON."""
+  lines = []
+  sc = _load(os.path.join(in_dir, f"step_cost{suffix}.json"))
+  if sc:
+    m, cells = sc["machine"], sc["cells"]
+    act = [c["active_over_floor"] for c in cells]
+    ina = [c["inactive_over_t_u"] for c in cells]
+    models = ", ".join(sorted({c["model"] for c in cells}))
+    lines.append(
+        f"- **Step cost** ({models}; b ∈ {sorted({c['b'] for c in cells})}, "
+        f"B/b ∈ {sorted({c['presample'] for c in cells})}; {m['cores']}-core "
+        f"{m['backend']}, {sc['date'][:10]}): with importance sampling on, "
+        f"the jis step costs {_range(act)}× the algorithm's floor "
+        f"t_f(B) + t_u(b) ({sum(a <= step_cost.TARGET for a in act)}/"
+        f"{len(act)} within 1.10×); with it off, {_range(ina)}× the plain "
+        f"step ({sum(i <= step_cost.TARGET for i in ina)}/{len(ina)} within "
+        "1.10×).")
+    for e in sc.get("loop", []):
+      if "uniform_loop_over_bare" in e:
+        lines.append(
+            f"  The training loop ({e['model']}, b = {e['b']}, "
+            f"{e['steps_per_dispatch']} step(s) per dispatch, data gathering "
+            f"included) costs {e['uniform_loop_over_bare']:.2f}× the bare "
+            f"uniform step and {e['active_loop_over_bare']:.2f}× the bare IS "
+            "step per epoch.")
+  for name in ("convergence", "convergence_cnn"):
+    cv = _load(os.path.join(in_dir, f"{name}{suffix}.json"))
+    for model, entry in (cv or {}).get("models", {}).items():
+      methods = entry["summary"]["methods"]
+      budget = entry["budget_seconds"]
+      epochs = entry.get("budget_epochs_uniform")
+      lines.append(
+          f"- **Convergence per second**, {model} (real MNIST, {cv['seeds']} "
+          f"seeds, budget {budget:.0f} s of training"
+          f"{f' = {epochs:g} uniform epochs' if epochs else ''}; "
+          f"{cv['machine']['cores']}-core {cv['machine']['backend']}, "
+          f"{cv['date'][:10]}): median [min–max] over seeds at the budget.\n")
+      rows = []
+      for method, mm in methods.items():
+        last = mm["points"][-1]
+        tl, te = last["train_loss"], last["test_error"]
+        reach = mm["time_to_uniform_final"]["median"]
+        rows.append({
+            "method": method,
+            "train loss": f"{tl['median']:.4f} [{tl['min']:.4f}–{tl['max']:.4f}]",
+            "test error": f"{te['median']:.2%} [{te['min']:.2%}–{te['max']:.2%}]",
+            "ms/step": f"{1e3 * budget / max(mm['steps']['median'], 1):.1f}",
+            "time to uniform's final loss": (
+                "never" if reach is None else f"{reach:.1f} s"),
+        })
+      table = common.table(rows, list(rows[0]))
+      lines.append("  " + table.replace("\n", "\n  ") + "\n")
+      t = entry.get("targets") or {}
+      if t:
+        lines.append(f"  {targets_sentence(t)}\n")
+      lines.append(f"  ![convergence {model}]({plots_rel}/convergence_{model}"
+                   ".png)\n")
+  ss = _load(os.path.join(in_dir, f"scoring_scale{suffix}.json"))
+  if ss:
+    parts = []
+    for model in sorted({r["model"] for r in ss["rows"]}):
+      rows = [r for r in ss["rows"] if r["model"] == model]
+      big = max(r["B"] for r in rows)
+      at = {r["mode"]: r for r in rows if r["B"] == big}
+      small = min(r["B"] for r in rows)
+      first = {r["mode"]: r for r in rows if r["B"] == small}
+      mib = lambda r: (r.get("peak_delta_bytes") or 0) / 2**20
+      parts.append(
+          f"{model}: {mib(first['all_at_once']):.0f} MiB at B = {small}; at "
+          f"B = {big}, {mib(at['all_at_once']):.0f} MiB scoring all at once "
+          f"against {mib(at['chunked']):.0f} MiB in chunks of "
+          f"{at['chunked']['forward_batch_size']}")
+    lines.append(
+        f"- **Scaling of scoring** (b = {ss['b']}, peak memory the step's "
+        f"execution touches, measured as Δ RSS in a fresh process per row; "
+        f"{ss['date'][:10]}): " + "; ".join(parts) + ".")
+  return "\n".join(lines) + "\n"
+
+
+def update_readme(path: str, summary: str) -> None:
+  """Replaces the text between the README's benchmark markers."""
+  with open(path) as f:
+    text = f.read()
+  if README_START not in text or README_END not in text:
+    raise ValueError(f"{path} has no {README_START!r} ... {README_END!r} "
+                     "block to fill; add the two marker lines.")
+  head, rest = text.split(README_START, 1)
+  _, tail = rest.split(README_END, 1)
+  with open(path, "w") as f:
+    f.write(f"{head}{README_START}\n{summary}{README_END}{tail}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -194,9 +320,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   p.add_argument("--plots", default=None)
   p.add_argument("--quick", action="store_true",
                  help="read the *_quick.json files")
+  p.add_argument("--readme", default="README.md",
+                 help="fill this README's benchmark block ('' to skip; "
+                 "skipped with --quick)")
   a = p.parse_args(argv[1:])
   build(a.in_dir, a.out, a.plots, a.quick)
   print(f"wrote {a.out}")
+  if a.readme and not a.quick:
+    plots = a.plots or os.path.join(os.path.dirname(a.out) or ".", "benchmarks")
+    rel = os.path.relpath(plots, os.path.dirname(os.path.abspath(a.readme)))
+    update_readme(a.readme, readme_summary(a.in_dir, rel))
+    print(f"updated {a.readme}")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ excluded), interleaved round-robin and repeated:
   inference mode plus the closed-form upper-bound score (nothing donated:
   it updates no state; its scores are summed into the carry so that no step
   is hoisted out of the loop);
-- ``active``: ``jis.importance_step(..., tau_threshold=0.0)``, IS on every
-  step;
-- ``inactive``: ``tau_threshold=inf``; the ``train_step`` hands back
-  ``is/logits`` so uniform steps score without a forward pass.
+- ``active``: ``jis.importance_step(..., condition=jis.warmup(0))``, IS on
+  every step through a traced predicate (both branches compiled);
+- ``inactive``: ``condition=jis.when_variance_reduced(1e30)``, never crossed;
+  the ``train_step`` hands back ``is/logits`` so uniform steps score without
+  a forward pass. (``tau_threshold=0`` or ``inf`` would be constant
+  conditions, which compile one branch and no ``lax.cond``.)
 
 Every program returns the mean of its metrics over the K steps, as the
 experiments' loop does, so no metric is dead code. Inputs are random float
@@ -129,12 +131,15 @@ class Programs:
         return total + jnp.sum(scores), {"score_mean": jnp.mean(scores)}
       return _scan(score_step, k)(jnp.zeros((), jnp.float32), xs)
 
-    def sampler(threshold):
+    def sampler(condition):
       return jis_module.importance_step(train.train_step, train.logits_fn,
-                                 batch_size=b, presample=presample,
-                                 tau_threshold=threshold)
+                                        batch_size=b, presample=presample,
+                                        condition=condition)
 
-    active, inactive = sampler(0.0), sampler(float("inf"))
+    # Traced predicates, as a run with the default condition has them (a
+    # constant one, tau_threshold=0 or inf, compiles one branch and no cond).
+    active = sampler(jis_module.warmup(0))
+    inactive = sampler(jis_module.when_variance_reduced(1e30))
     jit = lambda f: jax.jit(f, donate_argnums=0)
     self.fns = {
         "t_u": (jit(_scan(uniform_step, k)), _fresh(state), self.small),
@@ -215,7 +220,7 @@ def loop_cost(model_name: str, b: int, presample: float, steps: int,
   module = {"mlp": mnist_mlp, "cnn": mnist_cnn}[model_name]
   out = {}
   for method, sampler in (("uniform", {"score": "uniform"}),
-                          ("active", {"tau_threshold": 0.0,
+                          ("active", {"condition": "warmup(0)",
                                       "presample": presample})):
     c = module.get_config()
     c.dataset.data_dir = data_dir

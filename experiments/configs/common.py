@@ -108,6 +108,10 @@ def base() -> ml_collections.ConfigDict:
 
   c.data_on_device = True      # False streams batches from host memory
   c.steps_per_dispatch = 50    # steps per jitted lax.scan
+  # True unrolls the dispatch's steps (no loop): conv nets on XLA:CPU run
+  # ~20x slower inside a loop body (docs/performance_notes.md); costs compile
+  # time. steps_per_dispatch=1 is the other way out.
+  c.scan_unroll = False
   c.num_devices = 0            # 0: all local devices (data parallel)
   c.progress_bar = True
   return c

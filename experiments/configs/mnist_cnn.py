@@ -36,4 +36,5 @@ def get_config(variant: str = ""):
 
   def runlocal(c):
     c.batch_size = 32
+    c.steps_per_dispatch = 1   # XLA:CPU: convolutions in a loop are slow
   return common.apply_variant(c, variant, runlocal)
