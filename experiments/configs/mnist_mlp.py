@@ -14,18 +14,21 @@ Launch (offline data in ../shared/data; online, drop the data_dir flag):
   python -m experiments.compare runs/mnist_mlp_uniform runs/mnist_mlp_is \
       --out mnist_mlp.png
 
-Expected: about 98.4-98.5% test accuracy for both within the 60 s, importance
-sampling reaching a lower training loss per epoch and, from about a third of
-the budget on, per second. Measured on 2 shared cores of an Intel Xeon (CPU,
-jax 0.10.2), at matched training time (``experiments.compare``'s table):
+Expected: about 98.3-98.6% test accuracy for both within the 60 s. Importance
+sampling reaches a lower training loss per epoch; per second it leads or trails
+by run (one IS step costs ~1.8 uniform steps on this CPU, and its loss spikes
+near zero with adam). Measured on 2 cores of an Intel Xeon (CPU, jax 0.10.2,
+2026-11-22, one run each), at matched training time (``experiments.compare``):
 
   | budget | uniform: epochs, train loss, test error | IS: epochs, train loss, test error |
-  | 30 s   | 15.5, 0.0041, 1.59%                     | 4.6, 0.0028, 1.47%                 |
-  | 45 s   | 20.3, 0.0047, 1.73%                     | 7.4, 0.0019, 1.52%                 |
-  | 60 s   | 24.9, 0.0025, 1.52%                     | 11.0, 0.0025, 1.63%                |
+  | 15 s   | 6.0, 0.0196, 1.94%                      | 3.2, 0.0109, 1.77%                 |
+  | 30 s   | 15.5, 0.0036, 1.63%                     | 8.2, 0.0061, 1.65%                 |
+  | 45 s   | 24.8, 0.0043, 1.70%                     | 13.6, 0.0004, 1.40%                |
+  | 60 s   | 37.1, 0.0012, 1.47%                     | 18.2, 0.0027, 1.73%                |
 
-On a shared CPU the seconds are noisy; on a GPU the same 60 s hold hundreds of
-epochs.
+The seeded comparison over 3 seeds is
+``python -m experiments.benchmarks.convergence --models=mlp`` (README,
+Results). On a GPU the same 60 s hold hundreds of epochs.
 """
 
 from experiments.configs import common
