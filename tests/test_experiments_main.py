@@ -26,10 +26,7 @@ TINY = [f"--config.num_steps={STEPS}", "--config.steps_per_dispatch=2",
         "--config.sampler.tau_threshold=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache():
-  with experiments_testing.persistent_compilation_cache():
-    yield
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")

@@ -27,16 +27,7 @@ from experiments_testing import tiny_config
 TIMEOUT_S = 150   # per two-process launch; a run takes ~25 s on 2 busy cores
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache():
-  with experiments_testing.persistent_compilation_cache():
-    yield
-
-
-@pytest.fixture(scope="module")
-def fake_data(tmp_path_factory):
-  return experiments_testing.write_fake_data(
-      str(tmp_path_factory.mktemp("data")), n_train=160, n_test=40)
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def _free_port() -> int:

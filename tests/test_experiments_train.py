@@ -9,20 +9,10 @@ import numpy as np
 import pytest
 
 from experiments import train
-import experiments_testing
 from experiments_testing import tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache():
-  with experiments_testing.persistent_compilation_cache():
-    yield
-
-
-@pytest.fixture(scope="module")
-def fake_data(tmp_path_factory):
-  return experiments_testing.write_fake_data(
-      str(tmp_path_factory.mktemp("data")), n_train=160, n_test=40)
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def assert_same_state(a, b):

@@ -27,12 +27,6 @@ NUM_STEPS = 24
 _TIMEOUT = 90   # seconds, per process
 
 
-@pytest.fixture(scope="module")
-def fake_data(tmp_path_factory):
-  return experiments_testing.write_fake_data(
-      str(tmp_path_factory.mktemp("data")), n_train=160, n_test=40)
-
-
 def _argv(data_dir, workdir, num_steps=NUM_STEPS):
   return ["--config", "experiments/configs/mnist_mlp.py:runlocal",
           "--workdir", workdir,

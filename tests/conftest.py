@@ -1,0 +1,21 @@
+"""Fixtures shared by the experiments' tests."""
+
+import pytest
+
+import experiments_testing
+
+
+@pytest.fixture(scope="module")
+def compilation_cache():
+  """JAX's persistent compilation cache, for a module that asks for it with
+  ``pytestmark = pytest.mark.usefixtures("compilation_cache")``."""
+  with experiments_testing.persistent_compilation_cache():
+    yield
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory):
+  """A tiny MNIST-shaped dataset on disk: 160 train and 40 test examples (a
+  module that needs other sizes defines its own ``fake_data``)."""
+  return experiments_testing.write_fake_data(
+      str(tmp_path_factory.mktemp("data")), n_train=160, n_test=40)
