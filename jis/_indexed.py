@@ -59,11 +59,16 @@ def head(batch: PyTree, n: int) -> PyTree:
 
 
 def take(batch: PyTree, positions: Array) -> PyTree:
-  """The examples at ``positions`` of the presample, as arrays."""
+  """The examples at ``positions`` of the presample, as arrays.
+
+  ``positions`` are valid by construction (a policy's draw, or ``arange``), so
+  their gather clips instead of masking out-of-range rows.
+  """
+  at = lambda x, i: jnp.take(x, i, axis=0, mode="clip")
   if isinstance(batch, Indexed):
-    rows = jnp.take(batch.index, positions, axis=0)
+    rows = at(batch.index, positions)
     return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), batch.data)
-  return jax.tree.map(lambda x: jnp.take(x, positions, axis=0), batch)
+  return jax.tree.map(lambda x: at(x, positions), batch)
 
 
 def presample_rows(batch: PyTree) -> PyTree:

@@ -617,11 +617,12 @@ def importance_step(
     A ``lax.cond`` whose branches return the updated train state makes XLA
     copy every state buffer (parameters, optimizer moments) out of the
     conditional on each step, inside a ``lax.scan`` too. Here the first cond
-    only chooses the ``b`` rows and weights to train on (the importance
+    only chooses the ``b`` positions and weights to train on (the importance
     branch scores and draws them; the uniform branch takes the first ``b``),
-    the train step runs unconditionally on them, and a second cond does the
-    bookkeeping that needs the step's logits. Both conds carry only small
-    values: the rows, the scores, the jis states.
+    the rows are gathered after it (inside it on a mesh), the train step runs
+    unconditionally on them, and a second cond does the bookkeeping that
+    needs the step's logits. Both conds carry only small values: positions,
+    scores, the jis states.
     """
     no_refresh = score_table is None or score_table.fresh is None
     inner = state.inner
@@ -662,8 +663,18 @@ def importance_step(
       return (sub, weights, jnp.arange(b, dtype=jnp.int32),
               jnp.zeros((), jnp.bool_), small, seen, trained)
 
-    (selected, weights, indices, fresh, small, seen,
-     scored_before) = branch(active, choose_importance, choose_uniform, small)
+    if static_active is None and layout.mesh is None:
+      # Gather the rows after the cond, not inside it: a cond that returns
+      # rows made XLA:CPU copy the whole presample into each branch
+      # (docs/performance_notes.md, section 6).
+      rows_later = lambda choose: lambda small: (None,) + choose(small)[1:]
+      (_, weights, indices, fresh, small, seen, scored_before) = branch(
+          active, rows_later(choose_importance), rows_later(choose_uniform),
+          small)
+      selected = _indexed.take(batch, indices)
+    else:
+      (selected, weights, indices, fresh, small, seen,
+       scored_before) = branch(active, choose_importance, choose_uniform, small)
     if layout.mesh is not None:
       selected = _sharding.constrain(selected, layout, 0)
       weights = _sharding.constrain(weights, layout, 0)

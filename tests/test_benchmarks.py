@@ -6,6 +6,7 @@ and writes the JSON that ``report`` turns into docs/benchmarks.md.
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -108,6 +109,17 @@ def test_convergence(out_dir, tmp_path):
   assert {"train_loss_ratio", "time_met"} <= set(entry["targets"])
 
 
+def test_a_method_sets_sampler_and_training_fields():
+  c = convergence.make_config("mlp", "ub_lr", 10, "data", quick=True,
+                              sampler={"score": "upper_bound",
+                                       "learning_rate": 5e-4})
+  assert c.sampler.score == "upper_bound" and c.learning_rate == 5e-4
+  assert c.seed == 10
+  for bad in ({"lr": 1e-3}, {"dataset": "mnist"}):
+    with pytest.raises(ValueError, match="neither a config.sampler field"):
+      convergence.make_config("mlp", "x", 0, "data", quick=True, sampler=bad)
+
+
 def test_report(out_dir):
   md = os.path.join(out_dir, "benchmarks.md")
   text = report.build(out_dir, md, os.path.join(out_dir, "plots"))
@@ -115,6 +127,22 @@ def test_report(out_dir):
                   "## Scaling of scoring"):
     assert heading in text
   assert "*Machine:*" in text and "python -m experiments.benchmarks" in text
+
+
+def test_report_adds_a_longer_convergence_run(out_dir, tmp_path):
+  for name in os.listdir(out_dir):
+    if name.endswith(".json"):
+      shutil.copy(os.path.join(out_dir, name), tmp_path / name)
+  shutil.copy(tmp_path / "convergence.json", tmp_path / "convergence_cnn_long.json")
+  plots = tmp_path / "plots"
+  text = report.build(str(tmp_path), str(tmp_path / "benchmarks.md"), str(plots))
+  assert text.count("## Convergence per second") == 2
+  assert "## Convergence per second (longer budget)" in text
+  assert (plots / "convergence_mlp.png").exists()
+  assert (plots / "convergence_mlp_long.png").exists()
+  summary = report.readme_summary(str(tmp_path), "docs/benchmarks")
+  assert summary.count("**Convergence per second**") == 2
+  assert "docs/benchmarks/convergence_mlp_long.png" in summary
 
 
 def test_readme_summary_fills_only_the_marked_block(out_dir, tmp_path):

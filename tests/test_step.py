@@ -259,6 +259,29 @@ def test_scanned_donated_step_copies_no_parameter_buffer():
   assert not copies, copies
 
 
+def test_scanned_step_copies_no_presample_rows():
+  # Image-like rows [n, 37, 1]: when the first cond returned the rows to train
+  # on, XLA:CPU copied the whole presample into each branch (and the chosen
+  # rows out of it) on every step. The rows are now gathered after the cond.
+  def flat(batch):
+    return {**batch, "x": batch["x"].reshape(batch["x"].shape[0], -1)}
+  sampler = jis.importance_step(
+      lambda p, batch, w: _linear_train_step(p, flat(batch), w),
+      lambda p, batch: _linear_logits(p, flat(batch)),
+      batch_size=4, presample=3.0, condition=jis.warmup(0))
+
+  def run(state, batches):
+    return jax.lax.scan(sampler.step, state, batches)
+
+  state = sampler.init(jnp.zeros((37, CLASSES)), jax.random.key(0))
+  batches = {"x": jnp.zeros((3, 12, 37, 1)),
+             "label": jnp.zeros((3, 12), jnp.int32)}
+  hlo = jax.jit(run, donate_argnums=0).lower(state, batches).compile().as_text()
+  copies = [l for l in hlo.splitlines()
+            if " copy(" in l and ("[12,37,1]" in l or "[4,37,1]" in l)]
+  assert not copies, copies
+
+
 def test_runs_under_scan_and_matches_a_python_loop():
   sampler = _sampler(tau_threshold=1.01, tau_momentum=0.0)
   batches = jax.tree.map(lambda *xs: jnp.stack(xs),

@@ -15,6 +15,9 @@ seeds, measured first), or ``--budget_seconds`` when given.
   python -m experiments.benchmarks.convergence --models=cnn \
       --budget_seconds=60 --eval_points=3 \
       --out runs/benchmarks/convergence_cnn.json   # ~35 min on 2 CPU cores
+  python -m experiments.benchmarks.convergence --models=cnn \
+      --methods=uniform,upper_bound,biased_k0.5 --budget_seconds=180 \
+      --eval_points=4 --out runs/benchmarks/convergence_cnn_long.json  # ~40 min
 
 The CNN runs one step per dispatch on a CPU (XLA:CPU runs convolutions
 inside a loop body many times slower; docs/performance_notes.md).
@@ -36,6 +39,7 @@ from typing import Dict, List, Optional, Sequence
 
 from absl import logging
 import jax
+import ml_collections
 import numpy as np
 
 from experiments.benchmarks import common
@@ -61,15 +65,26 @@ def make_config(model: str, method: str, seed: int, data_dir: str,
                 quick: bool, budget_seconds: float = 0.0,
                 budget_epochs: float = 0.0, eval_points: int = 10,
                 sampler: Optional[Dict[str, object]] = None):
-  """The experiment config of one run (``sampler``: the method's overrides,
-  ``METHODS[method]`` by default)."""
+  """The experiment config of one run.
+
+  ``sampler``: the method's overrides (``METHODS[method]`` by default), keys
+  of ``config.sampler`` or top-level training fields such as
+  ``learning_rate``.
+  """
   import importlib  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(f"experiments.configs.{MODELS[model]}")
   c = module.get_config("runlocal" if quick else "")
   c.dataset.data_dir = data_dir
   c.seed = seed
   for key, value in (METHODS[method] if sampler is None else sampler).items():
-    c.sampler[key] = value
+    if key in c.sampler:
+      c.sampler[key] = value
+    elif key in c and not isinstance(c[key], ml_collections.ConfigDict):
+      c[key] = value   # a training field: learning_rate, lr_schedule, ...
+    else:
+      raise ValueError(
+          f"Method {method!r} sets {key!r}, which is neither a config.sampler "
+          f"field ({sorted(c.sampler)}) nor a top-level training field.")
   c.progress_bar = False
   c.num_steps = 0
   c.num_epochs = float(budget_epochs)
@@ -313,8 +328,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   p.add_argument("--first_seed", type=int, default=0)
   p.add_argument("--add_method", action="append", default=[],
                  metavar="NAME=JSON",
-                 help="an extra method: its config.sampler overrides as JSON, "
-                 "e.g. 'ub_p5={\"score\": \"upper_bound\", \"presample\": 5}'"
+                 help="an extra method: its config.sampler overrides (or "
+                 "top-level fields such as learning_rate) as JSON, e.g. "
+                 "'ub_p5={\"score\": \"upper_bound\", \"presample\": 5}'"
                  " (name it in --methods too)")
   p.add_argument("--budget_epochs", type=float, default=10.0,
                  help="the budget: uniform's time for this many epochs")

@@ -3,8 +3,9 @@ r"""Turns the benchmarks' JSON into ``docs/benchmarks.md`` (tables and plots).
   python -m experiments.benchmarks.report [--in_dir runs/benchmarks] \
       [--out docs/benchmarks.md] [--plots docs/benchmarks]
 
-Reads ``step_cost.json``, ``convergence.json`` (``convergence_cnn.json``
-too, when the CNN ran separately) and ``scoring_scale.json`` (the
+Reads ``step_cost.json``, ``convergence.json`` (and ``convergence_cnn.json``
+and ``convergence_cnn_long.json``, the CNN run separately, and for longer)
+and ``scoring_scale.json`` (the
 ``*_quick.json`` ones with ``--quick``) where present, and names the
 machine, the command, the date and the load of each. It also fills the
 README's results block (between its ``benchmarks:start`` and
@@ -12,6 +13,7 @@ README's results block (between its ``benchmarks:start`` and
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -107,8 +109,14 @@ def targets_sentence(t: Dict) -> str:
           f"budget (target ≤ 0.33: {'met' if t['time_met'] else 'not met'}).")
 
 
-def convergence_section(r: Dict, plots: str, rel: str) -> str:
-  text = ["## Convergence per second\n", provenance(r),
+# The convergence JSON files, each with the tag its plots and heading get.
+CONVERGENCE_FILES = (("convergence", ""), ("convergence_cnn", ""),
+                     ("convergence_cnn_long", "_long"))
+
+
+def convergence_section(r: Dict, plots: str, rel: str, tag: str = "") -> str:
+  heading = " (longer budget)" if tag == "_long" else ""
+  text = [f"## Convergence per second{heading}\n", provenance(r),
           f"{r['seeds']} seeds per method; training clock (evaluation and "
           "compilation excluded); loss on the whole training set in inference "
           "mode and test error, median [min–max] over seeds, interpolated "
@@ -136,9 +144,9 @@ def convergence_section(r: Dict, plots: str, rel: str) -> str:
         ax.set_xlabel("training seconds")
       axes[1].legend(fontsize=7)
       return fig
-    p = _plot(os.path.join(plots, f"convergence_{model}.png"), draw)
-    if p:
-      text.append(f"![convergence {model}]({rel}/convergence_{model}.png)\n")
+    name = f"convergence_{model}{tag}.png"
+    if _plot(os.path.join(plots, name), draw):
+      text.append(f"![convergence {model}{tag}]({rel}/{name})\n")
   return "\n".join(text)
 
 
@@ -196,10 +204,11 @@ def build(in_dir: str = common.DEFAULT_OUT_DIR, out: str = "docs/benchmarks.md",
            "JSON the benchmark scripts write; each section names its machine, "
            "command, date and load. CPU timings on a shared 2-core machine are "
            "noisy: read the medians with their ranges.\n"]
-  for name, section in (("step_cost", step_cost_section),
-                        ("convergence", convergence_section),
-                        ("convergence_cnn", convergence_section),
-                        ("scoring_scale", scoring_section)):
+  sections = [("step_cost", step_cost_section)]
+  sections += [(name, functools.partial(convergence_section, tag=tag))
+               for name, tag in CONVERGENCE_FILES]
+  sections.append(("scoring_scale", scoring_section))
+  for name, section in sections:
     r = _load(os.path.join(in_dir, f"{name}{suffix}.json"))
     if r is not None:
       parts.append(section(r, plots, rel))
@@ -245,7 +254,7 @@ def readme_summary(in_dir: str = common.DEFAULT_OUT_DIR,
             f"included) costs {e['uniform_loop_over_bare']:.2f}× the bare "
             f"uniform step and {e['active_loop_over_bare']:.2f}× the bare IS "
             "step per epoch.")
-  for name in ("convergence", "convergence_cnn"):
+  for name, tag in CONVERGENCE_FILES:
     cv = _load(os.path.join(in_dir, f"{name}{suffix}.json"))
     for model, entry in (cv or {}).get("models", {}).items():
       methods = entry["summary"]["methods"]
@@ -275,8 +284,8 @@ def readme_summary(in_dir: str = common.DEFAULT_OUT_DIR,
       t = entry.get("targets") or {}
       if t:
         lines.append(f"  {targets_sentence(t)}\n")
-      lines.append(f"  ![convergence {model}]({plots_rel}/convergence_{model}"
-                   ".png)\n")
+      lines.append(f"  ![convergence {model}{tag}]({plots_rel}/convergence_"
+                   f"{model}{tag}.png)\n")
   ss = _load(os.path.join(in_dir, f"scoring_scale{suffix}.json"))
   if ss:
     parts = []
