@@ -119,8 +119,10 @@ def _entropy(probs: Array) -> Array:
 
 def _sanitize(scores: Array):
   """The scores, or uniform ones (and fallback = 1) where they cannot be a
-  distribution: non-finite, negative or all zero (subnormal scores count as
-  zero: most backends flush them)."""
+  distribution: non-finite, negative or all zero. Subnormal scores, of either
+  sign, count as zero on every backend (most flush them anyway)."""
+  tiny = jnp.finfo(scores.dtype).tiny
+  scores = jnp.where(jnp.abs(scores) < tiny, jnp.zeros_like(scores), scores)
   ok = (jnp.all(jnp.isfinite(scores)) & jnp.all(scores >= 0)
         & (jnp.max(scores) > 0))
   return jnp.where(ok, scores, jnp.ones_like(scores)), 1.0 - ok.astype(jnp.float32)

@@ -1,5 +1,8 @@
-"""Fixtures shared by the experiments' tests."""
+"""Fixtures shared by the experiments' tests, and the hypothesis profile."""
 
+import os
+
+import hypothesis
 import pytest
 
 import experiments_testing
@@ -19,3 +22,11 @@ def fake_data(tmp_path_factory):
   module that needs other sizes defines its own ``fake_data``)."""
   return experiments_testing.write_fake_data(
       str(tmp_path_factory.mktemp("data")), n_train=160, n_test=40)
+
+
+# Property tests draw the same examples on every run, so CI cannot go red by
+# chance; HYPOTHESIS_PROFILE=explore draws new ones (and may find new bugs).
+hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis.settings.register_profile("explore", derandomize=False,
+                                     print_blob=True)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
