@@ -3,10 +3,10 @@ r"""Turns the benchmarks' JSON into ``docs/benchmarks.md`` (tables and plots).
   python -m experiments.benchmarks.report [--in_dir runs/benchmarks] \
       [--out docs/benchmarks.md] [--plots docs/benchmarks]
 
-Reads ``step_cost.json``, ``convergence.json`` (and ``convergence_cnn.json``
-and ``convergence_cnn_long.json``, the CNN run separately, and for longer)
-and ``scoring_scale.json`` (the
-``*_quick.json`` ones with ``--quick``) where present, and names the
+Reads ``step_cost.json``, ``convergence.json``, ``convergence_cnn.json``
+(the CNN run separately), ``convergence_cnn_long.json`` (the CNN at a longer
+budget) and ``scoring_scale.json`` (the ``*_quick.json`` ones with
+``--quick``) where present, and names the
 machine, the command, the date and the load of each. It also fills the
 README's results block (between its ``benchmarks:start`` and
 ``benchmarks:end`` markers) with the headline numbers.
