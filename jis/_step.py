@@ -333,7 +333,8 @@ def importance_step(
     else:
       default_threshold = (_variance.tau_threshold(big_b, b)
                            if tau_threshold is None else tau_threshold)
-      condition = _conditions.when_variance_reduced(tau_threshold, tau_momentum)
+      condition = _conditions.when_variance_reduced(default_threshold,
+                                                    tau_momentum)
   elif tau_threshold is not None:
     raise ValueError(
         "tau_threshold is a shorthand for condition=jis.when_variance_reduced("

@@ -61,8 +61,8 @@ def test_any_float32_scores_give_finite_bounded_weights(scores, seed):
   state = _SAMPLER.init(_params(), jax.random.key(seed))
   new, m = _STEP(state, {**_presample(), "s": jnp.asarray(scores)})
   w = np.asarray(m["w"])
-  # Subnormal scores, of either sign, count as zero (jis._sanitize; XLA
-  # flushes them).
+  # Subnormal scores, of either sign, count as zero (jis._sanitize flushes
+  # them).
   tiny = np.finfo(np.float32).tiny
   flushed = np.where(np.abs(scores) < tiny, np.float32(0), scores)
   usable = (np.all(np.isfinite(scores)) and np.all(flushed >= 0)

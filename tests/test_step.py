@@ -241,21 +241,28 @@ def test_no_host_callbacks_and_one_cond():
   assert sum(e.primitive.name == "dot_general" for e in jaxpr.jaxpr.eqns) >= 1
 
 
+def _copies_in_scanned_step(sampler, params, batches, *shapes):
+  """The ``copy`` instructions of any of ``shapes`` (HLO text such as
+  ``"[37,41]"``) in the optimized HLO of ``sampler.step`` scanned over
+  ``batches`` with the state donated."""
+  def run(state, batches):
+    return jax.lax.scan(sampler.step, state, batches)
+
+  state = sampler.init(params, jax.random.key(0))
+  hlo = jax.jit(run, donate_argnums=0).lower(state, batches).compile().as_text()
+  return [l for l in hlo.splitlines()
+          if " copy(" in l and any(shape in l for shape in shapes)]
+
+
 def test_scanned_donated_step_copies_no_parameter_buffer():
   # A cond that returns the train state made XLA copy every parameter out of
   # it on each step; the train step now runs outside the conds.
   sampler = _sampler(tau_threshold=None, condition=jis.warmup(0))
   params = jnp.zeros((37, 41))   # a shape no other buffer has
-
-  def run(state, batches):
-    return jax.lax.scan(sampler.step, state, batches)
-
-  state = sampler.init(params, jax.random.key(0))
   batches = jax.tree.map(lambda *xs: jnp.stack(xs),
                          *[_presample(12, seed=i) for i in range(3)])
   batches = {**batches, "x": jnp.zeros(batches["x"].shape[:2] + (37,))}
-  hlo = jax.jit(run, donate_argnums=0).lower(state, batches).compile().as_text()
-  copies = [l for l in hlo.splitlines() if " copy(" in l and "[37,41]" in l]
+  copies = _copies_in_scanned_step(sampler, params, batches, "[37,41]")
   assert not copies, copies
 
 
@@ -269,16 +276,10 @@ def test_scanned_step_copies_no_presample_rows():
       lambda p, batch, w: _linear_train_step(p, flat(batch), w),
       lambda p, batch: _linear_logits(p, flat(batch)),
       batch_size=4, presample=3.0, condition=jis.warmup(0))
-
-  def run(state, batches):
-    return jax.lax.scan(sampler.step, state, batches)
-
-  state = sampler.init(jnp.zeros((37, CLASSES)), jax.random.key(0))
   batches = {"x": jnp.zeros((3, 12, 37, 1)),
              "label": jnp.zeros((3, 12), jnp.int32)}
-  hlo = jax.jit(run, donate_argnums=0).lower(state, batches).compile().as_text()
-  copies = [l for l in hlo.splitlines()
-            if " copy(" in l and ("[12,37,1]" in l or "[4,37,1]" in l)]
+  copies = _copies_in_scanned_step(sampler, jnp.zeros((37, CLASSES)), batches,
+                                   "[12,37,1]", "[4,37,1]")
   assert not copies, copies
 
 
