@@ -13,6 +13,10 @@ module and looked up when the run starts::
     --config.sampler.score_transforms='(power_smoothing(0.5), additive_smoothing(1.0))'
     --config.sampler.score_table=stale_scores     # num_examples filled in
 
+One field is not an ``importance_step`` option: ``score_dtype`` wraps
+``logits_fn`` in :func:`jis.low_precision` (``--config.sampler.score_dtype=
+bfloat16``), so the scoring pass's products run in bfloat16.
+
 A bare name is called with its defaults when it is a factory; a factory's
 ``num_examples`` parameter, when left out, is the training split's size.
 ``""`` or None leaves the option at jis's default. ``score="uniform"`` is plain uniform training: no
@@ -126,7 +130,7 @@ def sampler_kwargs(sampler_cfg: Mapping[str, Any],
              if p.kind == inspect.Parameter.KEYWORD_ONLY}
   kwargs = {}
   for field, value in dict(sampler_cfg).items():
-    if _unset(value):
+    if _unset(value) or field == "score_dtype":   # build() applies it
       continue
     if field not in options:
       raise ValueError(
@@ -148,13 +152,23 @@ def build(sampler_cfg: Mapping[str, Any], train_step: Callable,
           mesh=None) -> Tuple[jis.ImportanceStep, int]:
   """``jis.importance_step`` as ``sampler_cfg`` asks, and the presample size B.
 
-  ``batch_size`` (b) comes from the experiment config. ``num_examples`` (the
-  training split's size) fills factories' ``num_examples`` parameter. With a
+  ``sampler_cfg.score_dtype`` (when set, e.g. ``"bfloat16"``) wraps
+  ``logits_fn`` in ``jis.low_precision``: the scoring pass's products run in
+  that dtype. ``batch_size`` (b) comes from the experiment config.
+  ``num_examples`` (the training split's size) fills factories'
+  ``num_examples`` parameter. With a
   ``mesh`` of several devices, jis's own data parallelism gets it when this
   jis version has it (otherwise XLA partitions the step from the batch's
   sharding).
   """
   kwargs = sampler_kwargs(sampler_cfg, {"num_examples": num_examples})
+  score_dtype = dict(sampler_cfg).get("score_dtype")
+  if not _unset(score_dtype) and logits_fn is not None:
+    try:
+      logits_fn = jis.low_precision(logits_fn, score_dtype)
+    except ValueError as e:
+      raise ValueError(f"config.sampler.score_dtype={score_dtype!r}: {e} "
+                       "(\"\" scores in the model's own precision)") from None
   if "batch_size" in kwargs:
     raise ValueError("Set the batch size with config.batch_size, not "
                      "config.sampler.batch_size.")

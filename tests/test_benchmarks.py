@@ -50,6 +50,27 @@ def test_step_cost(out_dir):
       cell["active_ms"] / (cell["t_f_ms"] + cell["t_u_ms"]))
 
 
+def test_step_cost_with_bfloat16_scoring_and_its_report(out_dir, tmp_path):
+  path = tmp_path / "step_cost_bf16.json"
+  step_cost.run(models=("mlp",), batch_sizes=(8,), presamples=(2.0,),
+                steps_per_dispatch=2, repeats=1, loop_steps=0, out=str(path),
+                score_dtype="bfloat16", argv=["step_cost.py", "--smoke"])
+  r = _read(path)
+  assert r["score_dtype"] == "bfloat16"
+  (cell,) = r["cells"]
+  assert cell["is_active"] == {"active": 1.0, "inactive": 0.0}
+  assert cell["t_f_full_ms"] > 0
+  assert cell["active_over_full_floor"] == pytest.approx(
+      cell["active_ms"] / (cell["t_f_full_ms"] + cell["t_u_ms"]))
+  text = report.step_cost_section(r, str(tmp_path / "plots"), "plots",
+                                  name="step_cost_bf16")
+  assert text.startswith("## Step cost with bfloat16 scoring")
+  assert "t_f(B) full ms" in text and "model-precision floor" in text
+  assert (tmp_path / "plots" / "step_cost_bf16.png").exists()
+  summary = report.readme_summary(str(tmp_path), "docs/benchmarks")
+  assert "**bfloat16 scoring** (`jis.low_precision`, mlp" in summary
+
+
 def test_scoring_scale(out_dir):
   path = os.path.join(out_dir, "scoring_scale.json")
   scoring_scale.run(models=("mlp",), b=8, sizes=(16, 64), chunk=16, repeats=1,
@@ -92,7 +113,8 @@ def test_convergence(out_dir, tmp_path):
   data = experiments_testing.write_fake_data(str(tmp_path / "data"),
                                              n_train=2100, n_test=600)
   path = os.path.join(out_dir, "convergence.json")
-  convergence.run(models=("mlp",), methods=("uniform", "upper_bound"),
+  convergence.run(models=("mlp",),
+                  methods=("uniform", "upper_bound", "upper_bound_bf16"),
                   seeds=1, budget_seconds=0.5, eval_points=2, quick=True,
                   out=path, workdir=str(tmp_path / "runs"),
                   data_dir=data or str(tmp_path / "data"),
@@ -102,11 +124,16 @@ def test_convergence(out_dir, tmp_path):
   entry = r["models"]["mlp"]
   assert entry["budget_seconds"] == 0.5
   methods = entry["summary"]["methods"]
-  assert set(methods) == {"uniform", "upper_bound"}
+  assert set(methods) == {"uniform", "upper_bound", "upper_bound_bf16"}
   for m in methods.values():
     assert [p["fraction"] for p in m["points"]] == [0.5, 1.0]
     assert m["points"][-1]["train_loss"]["median"] > 0
   assert {"train_loss_ratio", "time_met"} <= set(entry["targets"])
+  assert entry["targets"]["method"] == "upper_bound"
+  assert entry["targets_bf16"]["method"] == "upper_bound_bf16"
+  ub = methods["upper_bound_bf16"]["points"][-1]["train_loss"]["median"]
+  assert entry["targets_bf16"]["train_loss_ratio"] == pytest.approx(
+      ub / methods["uniform"]["points"][-1]["train_loss"]["median"])
 
 
 def test_a_method_sets_sampler_and_training_fields():
@@ -126,6 +153,8 @@ def test_report(out_dir):
   for heading in ("## Step cost", "## Convergence per second",
                   "## Scaling of scoring"):
     assert heading in text
+  assert "Targets (upper-bound IS vs uniform" in text
+  assert "Targets (upper-bound IS, bfloat16 scoring vs uniform" in text
   assert "*Machine:*" in text and "python -m experiments.benchmarks" in text
 
 

@@ -113,3 +113,42 @@ def test_num_examples_is_filled_in_for_factories_that_take_it():
     assert seen["num_examples"] == 99      # given arguments win
   finally:
     jis.stale_scores = original
+
+
+@pytest.mark.parametrize("score_dtype, scored_in", [("", "float32[12,3]"),
+                                                     ("bfloat16", "bfloat16[12,3]")])
+def test_score_dtype_wraps_logits_fn_in_low_precision(score_dtype, scored_in):
+  def train_step(params, batch, weights):
+    return params, {"loss": jnp.mean(weights)}
+
+  sampler, _ = sampling.build(config(score_dtype=score_dtype,
+                                     tau_threshold=0.0),
+                              train_step, lambda p, b: b["x"] @ p, 4)
+  state = sampler.init(jnp.ones((3, 5)) / 3, jax.random.PRNGKey(0))
+  batch = {"x": jnp.ones((12, 3)), "label": jnp.zeros((12,), jnp.int32)}
+  # The scoring pass's product, on the presample of 12, in the chosen dtype.
+  products = [e for e in jax.make_jaxpr(sampler.step)(state, batch).eqns
+              if e.primitive.name == "dot_general"]
+  assert [str(e.invars[0].aval) for e in products] == [scored_in]
+  _, metrics = jax.jit(sampler.step)(state, batch)
+  assert float(metrics["is/active"]) == 1.0
+
+
+@pytest.mark.parametrize("score_dtype, message", [
+    ("bf16x", "is not a dtype"), ("int8", "must be a floating dtype")])
+def test_bad_score_dtype_names_the_field(score_dtype, message):
+  with pytest.raises(ValueError, match=rf"config.sampler.score_dtype="
+                     rf"'{score_dtype}': .*{message}"):
+    sampling.build(config(score_dtype=score_dtype), lambda s, b, w: (s, {}),
+                   lambda s, b: b["x"], 4)
+
+
+def test_score_dtype_with_the_uniform_baseline_needs_no_logits_fn():
+  sampler, big_b = sampling.build(config(score="uniform",
+                                         score_dtype="bfloat16"),
+                                  lambda s, b, w: (s, {}), None, 8)
+  assert big_b == 8
+  state = sampler.init(jnp.zeros(()), jax.random.PRNGKey(0))
+  _, metrics = sampler.step(state, {"x": jnp.ones((8, 3)),
+                                    "label": jnp.zeros((8,), jnp.int32)})
+  assert float(metrics["is/active"]) == 0.0

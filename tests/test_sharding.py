@@ -96,6 +96,26 @@ def test_global_mode_on_8_devices_matches_one_device(axis_type):
   assert state.inner.sharding.is_fully_replicated
 
 
+@pytest.mark.parametrize("resample", ["global", "local"])
+def test_low_precision_scoring_on_8_devices(resample):
+  # jis.low_precision's rewrite runs inside the per-device scoring too: the
+  # sampled examples follow the bfloat16 scores exactly as on one device.
+  mesh = _mesh()
+  low = lambda mesh_=None, **kw: jis.importance_step(
+      _train_step, jis.low_precision(_logits), batch_size=b, presample=B / b,
+      mesh=mesh_, condition=jis.warmup(2), **kw)
+  state, hist, step = _train(low(mesh, resample=resample), mesh)
+  assert [float(m["is/active"]) for m in hist] == [0, 0, 1, 1, 1]
+  products = [str(e) for e in jax.make_jaxpr(step)(
+      state, jis.shard_presample(_presample(), mesh)).eqns]
+  assert "bf16" in "".join(products)
+  if resample == "global":
+    ref, ref_hist, _ = _train(low())
+    for m, m_ref in zip(hist, ref_hist):
+      np.testing.assert_array_equal(m["ids"], m_ref["ids"])
+    np.testing.assert_allclose(state.inner, ref.inner, rtol=1e-5, atol=1e-6)
+
+
 def test_global_mode_with_params_sharded_over_a_model_axis():
   mesh = jax.make_mesh((4, 2), ("data", "model"),
                        axis_types=(AxisType.Auto, AxisType.Auto))

@@ -3,7 +3,8 @@ r"""Turns the benchmarks' JSON into ``docs/benchmarks.md`` (tables and plots).
   python -m experiments.benchmarks.report [--in_dir runs/benchmarks] \
       [--out docs/benchmarks.md] [--plots docs/benchmarks]
 
-Reads ``step_cost.json``, ``convergence.json``, ``convergence_cnn.json``
+Reads ``step_cost.json``, ``step_cost_bf16.json`` (bfloat16 scoring),
+``convergence.json``, ``convergence_cnn.json``
 (the CNN run separately), ``convergence_cnn_long.json`` (the CNN at a longer
 budget) and ``scoring_scale.json`` (the ``*_quick.json`` ones with
 ``--quick``) where present, and names the
@@ -55,8 +56,13 @@ def _plot(path: str, draw) -> Optional[str]:
   return path
 
 
-def step_cost_section(r: Dict, plots: str, rel: str) -> str:
-  text = ["## Step cost against the floor\n", provenance(r),
+def step_cost_section(r: Dict, plots: str, rel: str,
+                      name: str = "step_cost") -> str:
+  low = r.get("score_dtype", "float32") != "float32"
+  title = (f"## Step cost with {r.get('score_dtype')} scoring "
+           "(`jis.low_precision`)\n" if low else
+           "## Step cost against the floor\n")
+  text = [title, provenance(r),
           f"K steps per dispatch (one `lax.scan`; K = {r['steps_per_dispatch']}"
           " for the MLP, fewer for the conv nets, column K), "
           f"state donated, {r['repeats']} interleaved repeats; medians, with "
@@ -70,6 +76,14 @@ def step_cost_section(r: Dict, plots: str, rel: str) -> str:
   met_i = sum(c["inactive_over_t_u"] <= step_cost.TARGET for c in r["cells"])
   text.append(f"Active within 1.10 × floor in {met_a}/{len(r['cells'])} cells; "
               f"inactive within 1.10 × t_u in {met_i}/{len(r['cells'])}.\n")
+  full = [c["active_over_full_floor"] for c in r["cells"]
+          if "active_over_full_floor" in c]
+  if low and full:
+    text.append(f"t_f(B) and the IS steps score in {r['score_dtype']}; "
+                "t_f(B) full is the model-precision scoring pass, timed in "
+                "the same interleaving. The IS step costs "
+                f"{min(full):.2f}–{max(full):.2f} × the model-precision floor "
+                "t_f full + t_u.\n")
 
   def draw(plt):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -89,9 +103,9 @@ def step_cost_section(r: Dict, plots: str, rel: str) -> str:
       ax.set_title(title)
       ax.legend()
     return fig
-  p = _plot(os.path.join(plots, "step_cost.png"), draw)
+  p = _plot(os.path.join(plots, f"{name}.png"), draw)
   if p:
-    text.append(f"![step cost]({rel}/step_cost.png)\n")
+    text.append(f"![step cost]({rel}/{name}.png)\n")
   return "\n".join(text)
 
 
@@ -100,7 +114,10 @@ def targets_sentence(t: Dict) -> str:
   frac = t["time_fraction_to_uniform_final"]
   budget = ("" if t["budget_is_10_uniform_epochs"]
             else ", budget not 10 uniform epochs")
-  return (f"Targets (upper-bound IS vs uniform{budget}): training-loss ratio "
+  name = {"upper_bound": "upper-bound IS",
+          "upper_bound_bf16": "upper-bound IS, bfloat16 scoring"}.get(
+              t.get("method", "upper_bound"), t.get("method"))
+  return (f"Targets ({name} vs uniform{budget}): training-loss ratio "
           f"{t['train_loss_ratio']:.3f} (target ≤ 0.2: "
           f"{'met' if t['train_loss_met'] else 'not met'}); test error "
           f"{t['test_error_upper_bound']:.2%} vs {t['test_error_uniform']:.2%} "
@@ -123,9 +140,9 @@ def convergence_section(r: Dict, plots: str, rel: str, tag: str = "") -> str:
           "between evaluations.\n"]
   for model, entry in r["models"].items():
     text.append(convergence.render(model, entry))
-    t = entry.get("targets") or {}
-    if t:
-      text.append(f"\n{targets_sentence(t)}\n")
+    for t in (entry.get("targets"), entry.get("targets_bf16")):
+      if t:
+        text.append(f"\n{targets_sentence(t)}\n")
 
     def draw(plt, entry=entry, model=model):
       fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -204,7 +221,9 @@ def build(in_dir: str = common.DEFAULT_OUT_DIR, out: str = "docs/benchmarks.md",
            "JSON the benchmark scripts write; each section names its machine, "
            "command, date and load. CPU timings on a shared 2-core machine are "
            "noisy: read the medians with their ranges.\n"]
-  sections = [("step_cost", step_cost_section)]
+  sections = [("step_cost", step_cost_section),
+              ("step_cost_bf16", functools.partial(step_cost_section,
+                                                   name="step_cost_bf16"))]
   sections += [(name, functools.partial(convergence_section, tag=tag))
                for name, tag in CONVERGENCE_FILES]
   sections.append(("scoring_scale", scoring_section))
@@ -254,6 +273,22 @@ def readme_summary(in_dir: str = common.DEFAULT_OUT_DIR,
             f"included) costs {e['uniform_loop_over_bare']:.2f}× the bare "
             f"uniform step and {e['active_loop_over_bare']:.2f}× the bare IS "
             "step per epoch.")
+  low = _load(os.path.join(in_dir, f"step_cost_bf16{suffix}.json"))
+  if low:
+    for model in sorted({c["model"] for c in low["cells"]}):
+      cells = [c for c in low["cells"] if c["model"] == model
+               and "t_f_full_ms" in c]
+      if not cells:
+        continue
+      time = [c["t_f_ms"] / c["t_f_full_ms"] for c in cells]
+      full = [c["active_over_full_floor"] for c in cells]
+      per_u = [c["active_ms"] / c["t_u_ms"] for c in cells]
+      lines.append(
+          f"- **{low['score_dtype']} scoring** (`jis.low_precision`, "
+          f"{model}, {low['date'][:10]}): the scoring pass takes "
+          f"{_range(time)}× its time at the model's precision; the IS "
+          f"step costs {_range(full)}× the model-precision floor, "
+          f"{_range(per_u)} uniform steps.")
   for name, tag in CONVERGENCE_FILES:
     cv = _load(os.path.join(in_dir, f"{name}{suffix}.json"))
     for model, entry in (cv or {}).get("models", {}).items():
@@ -281,9 +316,9 @@ def readme_summary(in_dir: str = common.DEFAULT_OUT_DIR,
         })
       table = common.table(rows, list(rows[0]))
       lines.append("  " + table.replace("\n", "\n  ") + "\n")
-      t = entry.get("targets") or {}
-      if t:
-        lines.append(f"  {targets_sentence(t)}\n")
+      for t in (entry.get("targets"), entry.get("targets_bf16")):
+        if t:
+          lines.append(f"  {targets_sentence(t)}\n")
       lines.append(f"  ![convergence {model}{tag}]({plots_rel}/convergence_"
                    f"{model}{tag}.png)\n")
   ss = _load(os.path.join(in_dir, f"scoring_scale{suffix}.json"))

@@ -33,6 +33,14 @@ compares its per-epoch time with the bare step's.
   python -m experiments.benchmarks.step_cost --quick
   python -m experiments.benchmarks.step_cost             # full grid
 
+``--score_dtype=bfloat16`` scores through ``jis.low_precision`` (t_f and
+the IS steps use it) and also times the model-precision scoring pass,
+``t_f_full``, in the same interleaving: ``active / (t_f_full + t_u)`` is
+what low-precision scoring saves against the floor it replaces.
+
+  python -m experiments.benchmarks.step_cost --models=mlp,cnn \
+      --score_dtype=bfloat16 --out runs/benchmarks/step_cost_bf16.json
+
 WRN-28-2 is shrunk for the CPU (``--wrn``): by default WRN-10-2 (one block per
 group instead of four, the same widths 32/64/128, BatchNorm and SGD) on
 16×16×3 inputs; ``--wrn=28,2,32`` times the real one.
@@ -109,9 +117,13 @@ class Programs:
   """The four compiled programs of one (model, b, presample) cell."""
 
   def __init__(self, config, model, shape, b: int, presample: float, k: int,
-               seed: int = 0, jis_module=jis, only=None):
+               seed: int = 0, jis_module=jis, only=None,
+               score_dtype: Optional[str] = None):
     from experiments import train  # pylint: disable=g-import-not-at-top
     self.b, self.big_b, self.k = b, int(round(presample * b)), k
+    logits_fn = train.logits_fn
+    if score_dtype:
+      logits_fn = jis.low_precision(logits_fn, score_dtype)
     key = jax.random.PRNGKey(seed)
     state = train.create_train_state(config, model,
                                      jnp.zeros((1,) + shape, jnp.float32), key)
@@ -123,16 +135,16 @@ class Programs:
       metrics.pop(jis.LOGITS_KEY)   # the unwrapped step has no use for them
       return s, metrics
 
-    def forward(s, xs):
+    def forward(s, xs, logits_fn=logits_fn):
       def score_step(total, batch):
-        logits = train.logits_fn(s, batch)
+        logits = logits_fn(s, batch)
         scores = jis.logit_grad_norm(logits.astype(jnp.float32),
                                      batch["label"], "softmax_cross_entropy")
         return total + jnp.sum(scores), {"score_mean": jnp.mean(scores)}
       return _scan(score_step, k)(jnp.zeros((), jnp.float32), xs)
 
     def sampler(condition):
-      return jis_module.importance_step(train.train_step, train.logits_fn,
+      return jis_module.importance_step(train.train_step, logits_fn,
                                         batch_size=b, presample=presample,
                                         condition=condition)
 
@@ -150,6 +162,10 @@ class Programs:
                      inactive.init(_fresh(state), jax.random.key(seed)),
                      self.big),
     }
+    if score_dtype:   # the model-precision scoring pass, for comparison
+      self.fns["t_f_full"] = (
+          jax.jit(lambda s, xs: forward(s, xs, train.logits_fn)), state,
+          self.big)
     if only is not None:
       self.fns = {n: v for n, v in self.fns.items() if n in only}
     self.carry = {name: v[1] for name, v in self.fns.items()}
@@ -157,7 +173,7 @@ class Programs:
   def call(self, name: str) -> None:
     fn, _, xs = self.fns[name]
     out, metrics = fn(self.carry[name], xs)
-    if name != "t_f":
+    if not name.startswith("t_f"):
       self.carry[name] = out
     jax.block_until_ready((out, metrics))
 
@@ -178,8 +194,10 @@ class Programs:
     return out
 
 
-def time_cell(config, model, shape, b, presample, k, repeats) -> Dict:
-  progs = Programs(config, model, shape, b, presample, k)
+def time_cell(config, model, shape, b, presample, k, repeats,
+              score_dtype: Optional[str] = None) -> Dict:
+  progs = Programs(config, model, shape, b, presample, k,
+                   score_dtype=score_dtype)
   warm = progs.warm_up()
   active_flags = progs.check_active()
   samples = common.time_interleaved(
@@ -187,7 +205,7 @@ def time_cell(config, model, shape, b, presample, k, repeats) -> Dict:
   per_step = {name: [t / k for t in ts] for name, ts in samples.items()}
   med = {name: statistics.median(ts) for name, ts in per_step.items()}
   floor = med["t_f"] + med["t_u"]
-  return {
+  cell = {
       "b": b, "presample": presample, "B": progs.big_b, "k": k,
       "compile_and_warmup_s": warm, "is_active": active_flags,
       "per_step_seconds": {n: common.summarize(ts) for n, ts in per_step.items()},
@@ -196,6 +214,8 @@ def time_cell(config, model, shape, b, presample, k, repeats) -> Dict:
       "floor_ms": 1e3 * floor,
       "active_over_floor": med["active"] / floor,
       "inactive_over_t_u": med["inactive"] / med["t_u"],
+      # What an IS update costs in uniform updates (convergence per second).
+      "active_over_t_u": med["active"] / med["t_u"],
       # The spread of the ratio over repeats (each repeat's own ratio).
       "active_over_floor_range": _ratio_range(
           per_step["active"], [f + u for f, u in zip(per_step["t_f"],
@@ -203,6 +223,14 @@ def time_cell(config, model, shape, b, presample, k, repeats) -> Dict:
       "inactive_over_t_u_range": _ratio_range(per_step["inactive"],
                                               per_step["t_u"]),
   }
+  if "t_f_full" in med:
+    # The IS step with low-precision scoring against the floor it would
+    # have at the model's precision.
+    full_floor = med["t_f_full"] + med["t_u"]
+    cell.update({"t_f_full_ms": 1e3 * med["t_f_full"],
+                 "full_floor_ms": 1e3 * full_floor,
+                 "active_over_full_floor": med["active"] / full_floor})
+  return cell
 
 
 def _ratio_range(num: Sequence[float], den: Sequence[float]) -> List[float]:
@@ -211,7 +239,8 @@ def _ratio_range(num: Sequence[float], den: Sequence[float]) -> List[float]:
 
 
 def loop_cost(model_name: str, b: int, presample: float, steps: int,
-              k: int, data_dir: str) -> Dict:
+              k: int, data_dir: str, score_dtype: Optional[str] = None
+              ) -> Dict:
   """Per-epoch time of the experiments' loop (uniform and IS active)."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
@@ -221,7 +250,8 @@ def loop_cost(model_name: str, b: int, presample: float, steps: int,
   out = {}
   for method, sampler in (("uniform", {"score": "uniform"}),
                           ("active", {"condition": "warmup(0)",
-                                      "presample": presample})):
+                                      "presample": presample,
+                                      "score_dtype": score_dtype or ""})):
     c = module.get_config()
     c.dataset.data_dir = data_dir
     c.dataset.test_examples = 1000
@@ -252,13 +282,13 @@ def run(models: Sequence[str] = ("mlp", "cnn", "wrn"),
         heavy_steps_per_dispatch: Optional[int] = None,
         loop_steps: int = 200, loop_models: Sequence[str] = ("mlp", "cnn"),
         wrn=(10, 2, 16), out: Optional[str] = None,
-        data_dir: Optional[str] = None,
+        data_dir: Optional[str] = None, score_dtype: Optional[str] = None,
         argv: Optional[Sequence[str]] = None) -> Dict:
   """Runs the benchmark; writes and returns its JSON."""
   out = out or os.path.join(common.DEFAULT_OUT_DIR, "step_cost.json")
   result = {**common.header(argv), "steps_per_dispatch": steps_per_dispatch,
-            "repeats": repeats, "wrn": {"depth": wrn[0], "width": wrn[1],
-                                        "input": wrn[2]},
+            "repeats": repeats, "score_dtype": score_dtype or "float32",
+            "wrn": {"depth": wrn[0], "width": wrn[1], "input": wrn[2]},
             "targets": {"active_over_floor": TARGET,
                         "inactive_over_t_u": TARGET},
             "cells": [], "loop": []}
@@ -269,7 +299,7 @@ def run(models: Sequence[str] = ("mlp", "cnn", "wrn"),
       k = heavy_steps_per_dispatch   # conv steps take 0.1-1 s on a CPU
     for b in batch_sizes:
       for p in presamples:
-        cell = time_cell(config, model, shape, b, p, k, repeats)
+        cell = time_cell(config, model, shape, b, p, k, repeats, score_dtype)
         cell["model"] = name
         cell["load"] = common.load_average()
         result["cells"].append(cell)
@@ -286,7 +316,7 @@ def run(models: Sequence[str] = ("mlp", "cnn", "wrn"),
       steps = loop_steps
       if name != "mlp" and heavy_steps_per_dispatch:
         k, steps = heavy_steps_per_dispatch, max(loop_steps // 40, 2 * k)
-      loop = loop_cost(name, b, p, steps, k, data_dir)
+      loop = loop_cost(name, b, p, steps, k, data_dir, score_dtype)
       bare = {c_["model"]: c_ for c_ in result["cells"]
               if c_["b"] == b and c_["presample"] == p}.get(name)
       entry = {"model": name, "b": b, "presample": p, "steps": steps,
@@ -323,9 +353,14 @@ def render(result: Dict) -> str:
                         f"{c['inactive_over_t_u_range'][1]:.2f}]",
         "met": ("yes" if c["active_over_floor"] <= TARGET
                 and c["inactive_over_t_u"] <= TARGET else "no"),
+        "active/t_u": c["active_ms"] / c["t_u_ms"],
     })
+    if "t_f_full_ms" in c:   # --score_dtype: the model-precision pass too
+      rows[-1].update({"t_f(B) full ms": c["t_f_full_ms"],
+                       "active/full floor": c["active_over_full_floor"]})
   fmt = {k: ".2f" for k in ("t_u(b) ms", "t_f(B) ms", "active ms",
-                            "inactive ms")}
+                            "inactive ms", "active/t_u", "t_f(B) full ms",
+                            "active/full floor")}
   text = common.table(rows, list(rows[0]), fmt) if rows else ""
   if result["loop"]:
     lrows = [{
@@ -359,6 +394,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   p.add_argument("--loop_models", default="mlp,cnn")
   p.add_argument("--wrn", default="10,2,16",
                  help="depth,width,input size of the WRN (28,2,32 is WRN-28-2)")
+  p.add_argument("--score_dtype", default=None,
+                 help="score in this dtype (jis.low_precision), e.g. bfloat16; "
+                 "t_f and the IS steps then use it")
   p.add_argument("--out", default=None)
   p.add_argument("--data_dir", default=None)
   a = p.parse_args(argv[1:])
@@ -381,7 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       out=a.out or os.path.join(common.DEFAULT_OUT_DIR,
                                 "step_cost_quick.json" if q else
                                 "step_cost.json"),
-      data_dir=a.data_dir, argv=argv)
+      data_dir=a.data_dir, score_dtype=a.score_dtype, argv=argv)
 
 
 if __name__ == "__main__":
