@@ -95,8 +95,8 @@ def low_precision(fn: Callable[..., Any],
 
   It is worth it where it runs faster. On a 2-core Xeon with AMX
   (docs/performance_notes.md, section 8) the MNIST MLP's scoring pass over
-  384 examples takes 0.36× and an LSTM's 0.33× the float32 time, a small
-  CNN's 0.9×, and a small WideResNet's 1.25×; time yours with
+  384 examples takes 0.4–0.55× and an LSTM's 0.3× the float32 time, a small
+  CNN's 0.9×, and a small WideResNet's 1.25–1.4×; time yours with
   ``python -m experiments.benchmarks.step_cost --score_dtype=bfloat16``.
 
   ``fn``'s arguments are traced, as under ``jax.jit``: pass Python flags by
