@@ -115,8 +115,8 @@ def test_num_examples_is_filled_in_for_factories_that_take_it():
     jis.stale_scores = original
 
 
-@pytest.mark.parametrize("score_dtype, scored_in", [("", "float32[12,3]"),
-                                                     ("bfloat16", "bfloat16[12,3]")])
+@pytest.mark.parametrize("score_dtype, scored_in", [
+    ("", "float32[12,3]"), ("bfloat16", "bfloat16[12,3]")])
 def test_score_dtype_wraps_logits_fn_in_low_precision(score_dtype, scored_in):
   def train_step(params, batch, weights):
     return params, {"loss": jnp.mean(weights)}

@@ -280,13 +280,13 @@ def readme_summary(in_dir: str = common.DEFAULT_OUT_DIR,
                and "t_f_full_ms" in c]
       if not cells:
         continue
-      time = [c["t_f_ms"] / c["t_f_full_ms"] for c in cells]
+      scoring = [c["t_f_ms"] / c["t_f_full_ms"] for c in cells]
       full = [c["active_over_full_floor"] for c in cells]
       per_u = [c["active_ms"] / c["t_u_ms"] for c in cells]
       lines.append(
           f"- **{low['score_dtype']} scoring** (`jis.low_precision`, "
           f"{model}, {low['date'][:10]}): the scoring pass takes "
-          f"{_range(time)}× its time at the model's precision; the IS "
+          f"{_range(scoring)}× its time at the model's precision; the IS "
           f"step costs {_range(full)}× the model-precision floor, "
           f"{_range(per_u)} uniform steps.")
   for name, tag in CONVERGENCE_FILES:
