@@ -11,9 +11,14 @@ import optax
 import pytest
 
 import jis
+import jaxpr_testing
 
 BF16 = jnp.bfloat16
 F32 = jnp.float32
+
+
+def _products(closed):
+  return jaxpr_testing.product_operand_dtypes(closed.jaxpr)
 
 
 def _dot(x, w, cast):
@@ -87,25 +92,6 @@ def _in_custom_jvp(p, x, cast=False):
   return _custom(_mlp(p, x, cast))
 
 
-def _dot_operand_dtypes(closed):
-  """The operand dtypes of every dot_general, inside nested jaxprs too."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
-        found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
-      for value in eqn.params.values():
-        for v in value if isinstance(value, tuple) else (value,):
-          if isinstance(v, jax.extend.core.ClosedJaxpr):
-            walk(v.jaxpr)
-          elif isinstance(v, jax.extend.core.Jaxpr):
-            walk(v)
-
-  walk(closed.jaxpr)
-  return found
-
-
 @pytest.mark.parametrize("fn", [_mlp, _in_jit, _in_scan, _in_cond, _in_while,
                                 _in_remat, _in_custom_jvp])
 def test_equals_the_hand_cast_function(fn):
@@ -118,7 +104,7 @@ def test_equals_the_hand_cast_function(fn):
   # The reference is really different from float32, so equality above means
   # the products were cast (bfloat16 keeps 8 bits of mantissa).
   assert np.abs(np.asarray(want) - np.asarray(full)).max() > 1e-3
-  dtypes = _dot_operand_dtypes(jax.make_jaxpr(jis.low_precision(fn))(
+  dtypes = _products(jax.make_jaxpr(jis.low_precision(fn))(
       p, p["x"]))
   assert dtypes and all(d == ("bfloat16", "bfloat16") for d in dtypes), dtypes
 
@@ -161,7 +147,7 @@ def test_outputs_keep_structure_and_dtype_and_other_operands_are_left():
   assert {k: v.dtype for k, v in out.items()} == {
       "logits": F32, "counts": ints.dtype, "half": jnp.float16}
   np.testing.assert_array_equal(out["counts"], ints @ ints.T)
-  dtypes = _dot_operand_dtypes(jax.make_jaxpr(
+  dtypes = _products(jax.make_jaxpr(
       functools.partial(low, scale=2.0))(x, ints))
   # bfloat16 and float16 are both 16 bits: the float16 product is left alone.
   assert sorted(dtypes) == sorted([("bfloat16", "bfloat16"),
@@ -173,7 +159,7 @@ def test_float16_and_a_dtype_as_wide_as_the_operands():
   p = _params()
   half = jis.low_precision(_mlp, jnp.float16)(p, p["x"])
   assert half.dtype == F32
-  assert {d for d in _dot_operand_dtypes(jax.make_jaxpr(
+  assert {d for d in _products(jax.make_jaxpr(
       jis.low_precision(_mlp, "float16"))(p, p["x"]))} == {
           ("float16", "float16")}
   # float32 "low precision" on float32 operands changes nothing.
@@ -226,7 +212,7 @@ def test_importance_step_scores_in_bfloat16_and_trains_in_float32():
                                 batch_size=4, tau_threshold=0.0)
   state = sampler.init((params, opt.init(params)), jax.random.PRNGKey(2))
   closed = jax.make_jaxpr(sampler.step)(state, batch)
-  dtypes = set(_dot_operand_dtypes(closed))
+  dtypes = set(_products(closed))
   # The scoring pass's two layers in bfloat16; the training step's forward
   # and backward products stay float32.
   assert ("bfloat16", "bfloat16") in dtypes and ("float32", "float32") in dtypes

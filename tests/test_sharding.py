@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jis
+import jaxpr_testing
 
 LR = 0.5
 DIM, CLASSES, PAD = 6, 4, 11   # PAD: a batch leaf only a metric reads (traffic probe)
@@ -106,11 +107,12 @@ def test_low_precision_scoring_on_8_devices(resample):
       mesh=mesh_, condition=jis.warmup(2), **kw)
   state, hist, step = _train(low(mesh, resample=resample), mesh)
   assert [float(m["is/active"]) for m in hist] == [0, 0, 1, 1, 1]
-  # The per-device body of the step (printed with the program) scores in
-  # bfloat16; without low_precision nothing in it is bfloat16.
-  program = str(jax.make_jaxpr(step)(
-      state, jis.shard_presample(_presample(), mesh)))
-  assert "bf16[" in program
+  # The per-device body of the step scores in bfloat16 (the training
+  # products stay float32).
+  products = jaxpr_testing.product_operand_dtypes(jax.make_jaxpr(step)(
+      state, jis.shard_presample(_presample(), mesh)).jaxpr)
+  assert ("bfloat16", "bfloat16") in products
+  assert ("float32", "float32") in products
   if resample == "global":
     ref, ref_hist, _ = _train(low())
     for m, m_ref in zip(hist, ref_hist):

@@ -1,13 +1,13 @@
 """Stale per-example scores: the table, its refreshes, and the forward passes saved."""
 
 import jax
-import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import jis
+import jaxpr_testing
 
 LR = 0.5
 DIM, CLASSES = 5, 3
@@ -274,24 +274,10 @@ def test_bad_indexed_presample_is_reported():
 # ---------------------------------------------------------------- forward passes
 
 
-def _eqns(jaxpr, into_conds=True):
-  """Every equation, recursing into nested jaxprs (cond branches if asked)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    if eqn.primitive.name == "cond" and not into_conds:
-      continue
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(sub, jex.ClosedJaxpr):
-          yield from _eqns(sub.jaxpr, into_conds)
-        elif isinstance(sub, jex.Jaxpr):
-          yield from _eqns(sub, into_conds)
-
-
 def _row_counts(jaxpr, into_conds=True):
   """Rows of every example batch a dot_general multiplies, or a gather makes."""
   rows = []
-  for eqn in _eqns(jaxpr, into_conds):
+  for eqn in jaxpr_testing.eqns(jaxpr, into_conds):
     if eqn.primitive.name == "dot_general":
       shape = eqn.invars[0].aval.shape
       if len(shape) == 2 and shape[1] == DIM:

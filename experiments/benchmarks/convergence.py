@@ -274,16 +274,15 @@ def run(models: Sequence[str] = ("mlp", "cnn"),
       if method == "uniform" and not budget_seconds:
         budget = statistics.median(r["train_seconds"] for r in runs["uniform"])
     summary = summarize_model(runs, budget, fractions)
+    ten_epochs = not budget_seconds and budget_epochs == 10
     result["models"][model] = {
         "budget_seconds": budget,
         "budget_epochs_uniform": budget_epochs if not budget_seconds else None,
         "runs": [r for m in methods for r in runs[m]],
         "summary": summary,
-        "targets": targets(summary, not budget_seconds and budget_epochs == 10),
+        "targets": targets(summary, ten_epochs),
         # The same estimator, scored in bfloat16 (jis.low_precision).
-        "targets_bf16": targets(summary,
-                                not budget_seconds and budget_epochs == 10,
-                                "upper_bound_bf16"),
+        "targets_bf16": targets(summary, ten_epochs, "upper_bound_bf16"),
     }
     print(render(model, result["models"][model]))
   common.write_json(result, out)
