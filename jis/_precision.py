@@ -8,7 +8,7 @@ run on GPU tensor cores and on AMX / AVX512-BF16 units (recent x86 CPUs),
 and move half the bytes, while the training step keeps its own precision.
 (TPUs already multiply float32 in bfloat16 passes by default; there the
 gain is the memory traffic.) On a CPU without bfloat16 units (AVX2 only)
-XLA converts the operands back and the casts are pure cost: the MNIST MLP's
+the same bfloat16 kernels run slower than float32 ones: the MNIST MLP's
 scoring pass took 1.4x its float32 time on such an AMD EPYC
 (docs/performance_notes.md, section 10). Measure before adopting it.
 """
