@@ -19,15 +19,22 @@ Time is counted in forward passes of one example: a backward pass costs
 """
 
 import math
-import numbers
-from typing import Callable, NamedTuple, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jis import _validate
+
 Array = jax.Array
 Buckets = Tuple[Tuple[int, int], ...]
+
+
+def _check_real(name: str, value, low: float, high: Optional[float] = None,
+                low_open: bool = False, high_open: bool = False) -> float:
+  return _validate.number(name, value, low, high, low_open=low_open,
+                          high_open=high_open, finite=True)
 
 
 class Budget(NamedTuple):
@@ -43,18 +50,6 @@ class Budget(NamedTuple):
   plan: Callable[[int, int], Buckets]
   choose: Callable[[Array, int, int], Array]
   tau_threshold: Callable[[int, int], float]
-
-
-def _check_real(name: str, value, low: float, high: float = math.inf,
-                low_open: bool = False, high_open: bool = False) -> None:
-  ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
-        and np.isfinite(value)
-        and (value > low if low_open else value >= low)
-        and (value < high if high_open else value <= high))
-  if not ok:
-    lo = f"{'(' if low_open else '['}{low}"
-    hi = f"{high}{')' if high_open else ']'}"
-    raise ValueError(f"{name} must be a number in {lo}, {hi}; got {value!r}.")
 
 
 def _inverse_tau(tau: Array) -> Array:
@@ -179,9 +174,7 @@ def constant_time(backward_time: float = 2.0, tau_threshold: float = 2.0,
   _check_real("constant_time(tau_threshold)", tau_threshold, 0.0)
   _check_real("constant_time(ratio)", ratio, 0.0, 1.0)
   _check_real("constant_time(min_fraction)", min_fraction, 0.0, 1.0, low_open=True)
-  if isinstance(buckets, bool) or not isinstance(buckets, numbers.Integral) \
-      or buckets < 1:
-    raise ValueError(f"constant_time(buckets) must be an int >= 1; got {buckets!r}.")
+  _validate.number("constant_time(buckets)", buckets, 1, integer=True)
   cost = 1.0 + backward_time
 
   def scored_sizes(presample_size, batch_size):

@@ -1,93 +1,133 @@
-"""Switch conditions: when to resample instead of training uniformly.
+"""Switch conditions: when a step resamples instead of training uniformly.
 
 A condition is three pure functions over a state carried in the jis state:
-``init(B, b)``, ``active(state, step) -> bool`` (read before the step) and
-``update(state, scores, step) -> state`` (after it, with the scores the step
-computed: the B presample scores on importance steps, the b trained examples'
-scores on uniform steps).
+
+* ``init(B, b) -> state``;
+* ``active(state, step, tau) -> bool``, read before the step, with the step
+  count and jis's moving average τ (``ImportanceState.tau``);
+* ``update(state, scores, step) -> state``, after every *importance* step,
+  with the ``B`` presample scores it computed (transformed and sanitised).
+
+Uniform steps compute no scores (that is what makes them cost what a plain
+step costs), so a condition that depends on the scores must resample now and
+then to measure them: :func:`when_variance_reduced` and
+:func:`when_total_variation` make every ``probe_every``-th step an importance
+step while they are off. A probe is an ordinary, unbiased importance step.
 """
 
-import numbers
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from jis import _validate
 from jis import _variance
 
 Array = jax.Array
+
+#: While a score-driven condition is off, every this many steps is an
+#: importance step that re-measures the scores (docs/strategies.md).
+PROBE_EVERY = 32
 
 
 class Condition(NamedTuple):
   """A switch condition (see the module docstring).
 
-  ``constant`` is ``True`` or ``False`` when ``active`` is known before the
-  run to always return that value (:func:`always`, :func:`never`, a threshold
-  of 0 or inf): the step then compiles only that branch, with no
-  ``lax.cond``. ``None`` (the default) when it depends on the state.
+  Attributes:
+    init: ``(presample_size, batch_size) -> state``.
+    active: ``(state, step, tau) -> bool``.
+    update: ``(state, scores [B], step) -> state``, after importance steps.
+    constant: ``True`` or ``False`` when ``active`` is known before the run to
+      always return that value (:func:`always`, :func:`never`, a threshold of
+      0 or inf): the step then compiles only that branch, with no
+      ``lax.cond``; ``None`` when it depends on the state.
+    tau_momentum: the momentum of τ this condition was written for, or None
+      to leave ``importance_step(tau_momentum=)`` in charge (the deprecated
+      ``when_variance_reduced(momentum=)`` sets it).
   """
   init: Callable[[int, int], Any]
-  active: Callable[[Any, Array], Array]
+  active: Callable[[Any, Array, Array], Array]
   update: Callable[[Any, Array, Array], Any]
   constant: Optional[bool] = None
+  tau_momentum: Optional[float] = None
 
 
-class EmaState(NamedTuple):
-  value: Array       # the moving average
-  threshold: Array   # active when value > threshold
+def _is_probe(step: Array, probe_every: int) -> Array:
+  # Steps probe_every - 1, 2 probe_every - 1, ...: not step 0, whose scores
+  # come from the untrained model.
+  return (jnp.asarray(step) % probe_every) == probe_every - 1
 
 
-def _check_momentum(name: str, momentum: float) -> None:
-  if not 0 <= momentum < 1:
-    raise ValueError(f"{name}(momentum) must be in [0, 1); got {momentum!r}.")
-
-
-def _ema_condition(name: str, threshold: Optional[float], momentum: float,
-                   default_threshold: Callable[[int, int], float],
-                   statistic: Callable[[Array], Array]) -> Condition:
-  _check_momentum(name, momentum)
-  if threshold is not None and (isinstance(threshold, (str, bool)) or
-                                not isinstance(threshold, numbers.Real) or
-                                not threshold >= 0):
-    raise ValueError(f"{name}(threshold) must be a number >= 0 (inf: never) "
-                     f"or None; got {threshold!r}.")
-
-  def init(presample_size, batch_size):
-    th = threshold
-    if th is None:
-      th = default_threshold(presample_size, batch_size)
-    return EmaState(jnp.zeros((), jnp.float32), jnp.asarray(th, jnp.float32))
-
-  def active(state, step):
-    # A zero threshold means "always", including the first step (value = 0).
-    return (state.value > state.threshold) | (state.threshold == 0)
-
-  def update(state, scores, step):
-    value = momentum * state.value + (1.0 - momentum) * statistic(scores)
-    return state._replace(value=value)
-  constant = {0: True, float("inf"): False}.get(threshold)
-  return Condition(init, active, update, constant)
+def _check_probe_every(name: str, probe_every: int) -> int:
+  return _validate.number(
+      f"{name}(probe_every)", probe_every, 1, integer=True,
+      hint="It is the period of the importance steps that re-measure the "
+           "scores while the condition is off.")
 
 
 def when_variance_reduced(threshold: Optional[float] = None,
-                          momentum: float = 0.9) -> Condition:
-  """Active when the moving average of τ exceeds ``threshold``.
+                          momentum: Optional[float] = None, *,
+                          probe_every: int = PROBE_EVERY) -> Condition:
+  """Active when τ, jis's moving average of the variance reduction, exceeds
+  ``threshold``.
 
-  τ is :func:`jis.variance_reduction` of each step's scores, averaged with
-  ``τ ← m τ + (1 − m) τ_step`` from ``τ₀ = 0``. ``threshold=None`` is eq. 29 of
-  Katharopoulos & Fleuret (2018), ``(B + 3b) / (3b)``; ``0.0`` resamples from
-  the first step on; ``float("inf")`` never does.
+  τ (``ImportanceState.tau``) averages :func:`jis.variance_reduction` of the
+  presample scores of every importance step, ``τ ← m τ + (1 − m) τ_step``
+  (the first measurement sets it). While τ is below the threshold, every
+  ``probe_every``-th step is an importance step that measures it again.
+  ``threshold=None`` is eq. 29 of Katharopoulos & Fleuret (2018),
+  ``(B + 3b) / (3b)``; ``0.0`` resamples at every step; ``float("inf")``
+  never does.
+
+  Args:
+    threshold: the τ above which to resample, ``≥ 0``, or None.
+    momentum: deprecated; pass ``importance_step(tau_momentum=)``, the one
+      home of τ's momentum.
+    probe_every: ``≥ 1``, the period of the measuring importance steps while
+      the condition is off.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import jis
-    >>> cond = jis.when_variance_reduced(threshold=1.5, momentum=0.0)
-    >>> state = cond.update(cond.init(8, 4), jnp.array([1.0, 0, 0, 0]), 0)
-    >>> bool(cond.active(state, 1))
+    >>> cond = jis.when_variance_reduced(threshold=1.5)
+    >>> state = cond.init(8, 4)
+    >>> bool(cond.active(state, 1, jnp.float32(2.0)))
+    True
+    >>> bool(cond.active(state, 1, jnp.float32(1.2)))   # below; not a probe
+    False
+    >>> bool(cond.active(state, 31, jnp.float32(1.2)))  # below; a probe
     True
   """
-  return _ema_condition("when_variance_reduced", threshold, momentum,
-                        _variance.tau_threshold, _variance.variance_reduction)
+  if threshold is not None:
+    _validate.number("when_variance_reduced(threshold)", threshold, 0,
+                     hint="(inf: never)")
+  if momentum is not None:
+    _validate.number("when_variance_reduced(momentum)", momentum, 0, 1,
+                     high_open=True)
+    warnings.warn(
+        "when_variance_reduced(momentum=) is deprecated: τ has one home, "
+        "ImportanceState.tau; pass importance_step(tau_momentum=...).",
+        DeprecationWarning, stacklevel=2)
+  probe_every = _check_probe_every("when_variance_reduced", probe_every)
+
+  def init(presample_size, batch_size):
+    th = (_variance.tau_threshold(presample_size, batch_size)
+          if threshold is None else threshold)
+    return jnp.asarray(th, jnp.float32)
+
+  def active(th, step, tau):
+    # A zero threshold means "always", including the first step (τ = 0).
+    return (tau > th) | (th == 0) | _is_probe(step, probe_every)
+
+  constant = {0: True, float("inf"): False}.get(threshold)
+  return Condition(init, active, lambda th, scores, step: th, constant,
+                   tau_momentum=momentum)
+
+
+class EmaState(NamedTuple):
+  value: Array       # the moving average of the statistic, 0 before any
+  threshold: Array   # active when value > threshold
 
 
 def total_variation(scores: Array) -> Array:
@@ -100,23 +140,50 @@ def total_variation(scores: Array) -> Array:
   return 0.5 * jnp.sum(jnp.abs(p - 1.0 / s.shape[0]))
 
 
-def when_total_variation(threshold: float, momentum: float = 0.9) -> Condition:
-  """Active when the moving average of the total variation of ``p`` from uniform
-  exceeds ``threshold`` (the original library's ``TotalVariationCondition``).
+def when_total_variation(threshold: float, momentum: float = 0.9, *,
+                         probe_every: int = PROBE_EVERY) -> Condition:
+  """Active when the moving average of the total variation of ``p`` from
+  uniform exceeds ``threshold`` (the original library's
+  ``TotalVariationCondition``).
+
+  The average is over importance steps, the first measurement setting it;
+  while it is below the threshold, every ``probe_every``-th step is an
+  importance step that measures it again.
+
+  Args:
+    threshold: in ``[0, 1)``: the total variation of two distributions is
+      below 1.
+    momentum: in ``[0, 1)``, of the moving average.
+    probe_every: ``≥ 1``, the period of the measuring steps while off.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import jis
     >>> cond = jis.when_total_variation(0.2, momentum=0.0)
     >>> state = cond.update(cond.init(4, 2), jnp.array([1.0, 0, 0, 0]), 0)
-    >>> bool(cond.active(state, 1))
+    >>> bool(cond.active(state, 1, jnp.float32(0.0)))
     True
   """
-  if threshold is None:
-    raise ValueError("when_total_variation(threshold) needs a number in [0, 1).")
-  return _ema_condition("when_total_variation", threshold, momentum,
-                        lambda presample_size, batch_size: threshold,
-                        total_variation)
+  threshold = _validate.number("when_total_variation(threshold)", threshold,
+                               0, 1, high_open=True)
+  momentum = _validate.number("when_total_variation(momentum)", momentum, 0, 1,
+                              high_open=True)
+  probe_every = _check_probe_every("when_total_variation", probe_every)
+
+  def init(presample_size, batch_size):
+    return EmaState(jnp.zeros((), jnp.float32),
+                    jnp.asarray(threshold, jnp.float32))
+
+  def active(state, step, tau):
+    return ((state.value > state.threshold) | (state.threshold == 0)
+            | _is_probe(step, probe_every))
+
+  def update(state, scores, step):
+    tv = total_variation(scores)
+    value = jnp.where(state.value > 0,
+                      momentum * state.value + (1.0 - momentum) * tv, tv)
+    return state._replace(value=value)
+  return Condition(init, active, update, True if threshold == 0 else None)
 
 
 def warmup(steps: int) -> Condition:
@@ -125,25 +192,45 @@ def warmup(steps: int) -> Condition:
   Examples:
     >>> import jis
     >>> cond = jis.warmup(2)
-    >>> [bool(cond.active(cond.init(8, 4), s)) for s in range(4)]
+    >>> [bool(cond.active(cond.init(8, 4), s, 0.0)) for s in range(4)]
     [False, False, True, True]
   """
-  if not (isinstance(steps, int) and steps >= 0):
-    raise ValueError(f"warmup(steps) must be an int >= 0; got {steps!r}.")
+  steps = _validate.number("warmup(steps)", steps, 0, integer=True)
   return Condition(lambda presample_size, batch_size: (),
-                   lambda state, step: jnp.asarray(step) >= steps,
+                   lambda state, step, tau: jnp.asarray(step) >= steps,
                    lambda state, scores, step: state)
 
 
 def always() -> Condition:
   """Resample at every step."""
   return Condition(lambda presample_size, batch_size: (),
-                   lambda state, step: jnp.asarray(True),
+                   lambda state, step, tau: jnp.asarray(True),
                    lambda state, scores, step: state, constant=True)
 
 
 def never() -> Condition:
   """Never resample: plain uniform training on the first b examples."""
   return Condition(lambda presample_size, batch_size: (),
-                   lambda state, step: jnp.asarray(False),
+                   lambda state, step, tau: jnp.asarray(False),
                    lambda state, scores, step: state, constant=False)
+
+
+def with_tau(condition: Condition) -> Condition:
+  """``condition`` with the ``active(state, step, tau)`` signature.
+
+  Conditions written before τ was passed in take ``active(state, step)``;
+  they keep working, with a DeprecationWarning.
+  """
+  try:
+    _validate.accepts(condition.active, "condition.active",
+                      ("state", "step", "tau"))
+    return condition
+  except TypeError:
+    pass   # perhaps the old two-argument form:
+  _validate.accepts(condition.active, "condition.active", ("state", "step"))
+  warnings.warn(
+      "condition.active(state, step) is deprecated: conditions now receive "
+      "jis's τ too, active(state, step, tau).", DeprecationWarning,
+      stacklevel=4)
+  old = condition.active
+  return condition._replace(active=lambda state, step, tau: old(state, step))

@@ -13,8 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jis import _sharding
-
 Array = jax.Array
 PyTree = Any
 
@@ -78,42 +76,12 @@ def presample_rows(batch: PyTree) -> PyTree:
   return batch
 
 
-def score_in_chunks(score_fn, batch: PyTree, layout) -> Array:
-  """Scores every presampled example, ``forward_batch_size`` at a time.
+def check_indexed(batch: Indexed, expected: int) -> None:
+  """Trace-time checks of an :class:`Indexed` presample of ``expected`` rows.
 
-  For :class:`Indexed`, the indices are chunked and each chunk gathers only
-  its own rows, so at most ``forward_batch_size`` rows are ever gathered.
+  An index that is known at trace time (not traced) is also checked to lie in
+  ``[0, N)``; a traced one can only be checked on device (``is/bad_index``).
   """
-  if isinstance(batch, Indexed):
-    return _sharding.score_in_chunks(
-        lambda index: score_fn(presample_rows(Indexed(batch.data, index))),
-        batch.index, layout)
-  return _sharding.score_in_chunks(score_fn, batch, layout)
-
-
-def select(policy, key: Array, scores: Array, policy_state: PyTree,
-           batch: PyTree, batch_size: int, layout):
-  """``(selection, selected rows)``: the policy's draw, gathered."""
-  if isinstance(batch, Indexed):
-    sel = policy.select(key, scores, policy_state, batch_size)
-    return sel, take(batch, sel.indices)
-  return _sharding.select(policy, key, scores, policy_state, batch,
-                          batch_size, layout)
-
-
-def first_rows(batch: PyTree, num: int, layout) -> PyTree:
-  """The rows a uniform step trains on."""
-  if isinstance(batch, Indexed):
-    return take(batch, jnp.arange(num))
-  return _sharding.first_rows(batch, num, layout)
-
-
-def check_indexed(batch: Indexed, expected: int, layout=None) -> None:
-  """Trace-time checks of an :class:`Indexed` presample of ``expected`` rows."""
-  if layout is not None and layout.mesh is not None:
-    raise ValueError(
-        "jis.Indexed presamples run on one device (mesh=None). With a mesh, "
-        "gather the presample rows yourself and pass them as arrays.")
   shape = np.shape(batch.index)
   dtype = jnp.result_type(batch.index)
   if shape != (expected,) or not jnp.issubdtype(dtype, jnp.integer):
@@ -130,3 +98,21 @@ def check_indexed(batch: Indexed, expected: int, layout=None) -> None:
     raise ValueError(
         "Indexed(data, index): every data leaf must have the same leading "
         f"dimension, the dataset size N; got {shapes}.")
+  check_in_range(batch.index, sizes.pop()[0], "Indexed(data, index): index")
+
+
+def check_in_range(index, size: int, what: str) -> None:
+  """Refuses indices outside ``[0, size)`` when they are known at trace time
+  (a traced index is checked on device instead: ``is/bad_index``)."""
+  if isinstance(index, jax.core.Tracer):
+    return
+  values = np.asarray(index)
+  if values.size and (values.min() < 0 or values.max() >= size):
+    raise ValueError(
+        f"{what} must lie in [0, {size}), the dataset's rows; got indices "
+        f"from {values.min()} to {values.max()}.")
+
+
+def out_of_range(index: Array, size: int) -> Array:
+  """1.0 when any of ``index`` lies outside ``[0, size)`` (a metric)."""
+  return jnp.any((index < 0) | (index >= size)).astype(jnp.float32)

@@ -1,12 +1,12 @@
 """Selection policies: from B presample scores to b indices and weights."""
 
-import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jis import _validate
 from jis import _variance
 
 Array = jax.Array
@@ -36,11 +36,14 @@ class Policy(NamedTuple):
       finite and non-negative with a positive sum (jis falls back to uniform
       scores before calling it otherwise).
     observe: ``(scores [n], state) -> state``, called on the uniform steps with
-      the scores of the trained examples, for policies that keep statistics.
+      the scores of the trained examples, for policies that keep statistics;
+      None (the default) for those that do not. A policy that observes makes
+      uniform steps score their examples: free when the ``train_step``
+      returns ``"is/logits"``, else a forward pass of ``b``.
   """
   init: Callable[[int, int], Any]
   select: Callable[[Array, Array, Any, int], Selection]
-  observe: Callable[[Array, Any], Any] = lambda scores, state: state
+  observe: Optional[Callable[[Array, Any], Any]] = None
 
 
 def normalize(scores: Array) -> Array:
@@ -109,11 +112,10 @@ def importance_sampling(k: float = 1.0, max_weight: float = 1e4) -> Policy:
     >>> set(sel.indices.tolist()) <= {0, 2}
     True
   """
-  if not k >= 0:
-    raise ValueError(f"importance_sampling(k) must be >= 0; got {k!r}.")
-  if not max_weight >= 1:
-    raise ValueError("importance_sampling(max_weight) must be >= 1 (a weight "
-                     f"bound below 1 is impossible); got {max_weight!r}.")
+  k = _validate.number("importance_sampling(k)", k, 0, finite=True)
+  max_weight = _validate.number(
+      "importance_sampling(max_weight)", max_weight, 1,
+      hint="A weight bound below 1 is impossible; inf is no bound.")
   alpha = 1.0 / max_weight
 
   def select(key, scores, state, batch_size):
@@ -169,13 +171,11 @@ def top_k() -> Policy:
   return Policy(lambda presample_size, batch_size: (), select)
 
 
-def _check_pressure(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-      or not np.isfinite(value) or value < 1:
-    raise ValueError(
-        f"online_batch_selection({name}) must be a finite number >= 1 (the "
-        f"ratio of the most to the least likely example; 1 is uniform); got "
-        f"{value!r}.")
+def _check_pressure(name: str, value) -> float:
+  return _validate.number(
+      f"online_batch_selection({name})", value, 1, finite=True,
+      hint="It is the ratio of the most to the least likely example; 1 is "
+           "uniform.")
 
 
 def selection_pressure(pressure_start: float, pressure_end: float,
@@ -241,11 +241,9 @@ def online_batch_selection(pressure_start: float = 100.0,
     pressure_end = pressure_start
   _check_pressure("pressure_start", pressure_start)
   _check_pressure("pressure_end", pressure_end)
-  if isinstance(schedule_steps, bool) or not isinstance(
-      schedule_steps, numbers.Integral) or schedule_steps < 1:
-    raise ValueError(
-        "online_batch_selection(schedule_steps) must be an int >= 1, the number"
-        f" of steps over which the pressure is annealed; got {schedule_steps!r}.")
+  _validate.number("online_batch_selection(schedule_steps)", schedule_steps, 1,
+                   integer=True, hint="It is the number of steps over which "
+                   "the pressure is annealed.")
   start, end, steps = float(pressure_start), float(pressure_end), int(schedule_steps)
 
   def init(presample_size, batch_size):

@@ -1,12 +1,12 @@
 """Selective-Backprop (Jiang et al. 2019) as a fixed-shape selection policy."""
 
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jis import _policies
+from jis import _validate
 
 Array = jax.Array
 
@@ -157,17 +157,12 @@ def selective_backprop(beta: float = 3.0, history: int = 1024,
     >>> int(sel.state.count)
     4
   """
-  if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta >= 0 \
-      or beta == float("inf"):
-    raise ValueError(
-        f"selective_backprop(beta) must be a finite number >= 0 (the paper uses "
-        f"1 to 3); got {beta!r}.")
-  if isinstance(history, bool) or not isinstance(history, numbers.Integral) \
-      or history < 1:
-    raise ValueError(
-        f"selective_backprop(history) must be an int >= 1, the number of recent "
-        f"scores percentiles are taken over (the paper uses 1024); got {history!r}.")
-  beta, history = float(beta), int(history)
+  beta = _validate.number("selective_backprop(beta)", beta, 0, finite=True,
+                          hint="The paper uses 1 to 3.")
+  history = _validate.number(
+      "selective_backprop(history)", history, 1, integer=True,
+      hint="It is the number of recent scores percentiles are taken over (the "
+           "paper uses 1024).")
 
   def init(presample_size, batch_size):
     return SelectiveBackpropState(jnp.zeros((history,), jnp.float32),

@@ -1,25 +1,15 @@
-"""Data parallelism: the presample sharded over the devices of a mesh axis.
+"""Mesh mechanics for data parallelism: layouts, placement, per-device code.
 
 The train step stays a global-view program that jit and the GSPMD partitioner
 split over the mesh, so the user's ``train_step`` and ``logits_fn`` run
 unmodified with any parameter sharding (replicated, FSDP, tensor-parallel).
-Only the two places where jis knows the communication pattern better than the
-partitioner are written per device with ``jax.shard_map``:
-
-* ``resample="global"``: the ``B`` scores are all-gathered (``4 B`` bytes per
-  device), every device draws the same ``b`` indices from the global
-  distribution with the same key (the single-device algorithm, bit for bit),
-  and the selected rows are exchanged with one reduce-scatter: each device
-  contributes the selected rows it holds (zeros elsewhere) and receives the
-  ``b / d`` rows it trains on, about ``b`` rows of traffic per device
-  whatever ``B`` is. A naive ``jnp.take`` of a sharded presample lets the
-  partitioner all-gather or all-reduce much more than that.
-* ``resample="local"``: each device draws ``b / d`` of its own ``B / d`` rows
-  with probabilities normalised within its shard and weights
-  ``1 / ((B / d) pᵢ)``. Each shard's weighted mean gradient is then an
-  unbiased estimate of that shard's mean, and the mean over shards (what the
-  data-parallel ``train_step`` computes) an unbiased estimate of the
-  presample's mean (stratified sampling). No example leaves its device.
+This module holds what :mod:`jis._placement` builds its ``"global"`` and
+``"local"`` placements from: the resolved :class:`Layout`, sharding
+constraints and ``device_put`` that keep jit's cache to one entry,
+``shard_map`` over the data axis only, the row exchange of global resampling
+(one reduce-scatter, about ``b`` rows of traffic per device whatever ``B``
+is; a naive ``jnp.take`` of a sharded presample lets the partitioner
+all-gather or all-reduce much more), and chunked scoring.
 
 Everything else (τ, the switch condition, score transforms, metrics) is
 computed in the global view from all ``B`` scores; the partitioner turns the
@@ -27,7 +17,6 @@ reductions into scalar all-reduces, so every device takes the same branch of
 the ``lax.cond``.
 """
 
-import numbers
 from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import jax
@@ -38,7 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jis import _policies
+from jis import _validate
 
 Array = jax.Array
 PyTree = Any
@@ -57,12 +46,14 @@ class Layout(NamedTuple):
     resample: ``"global"`` or ``"local"``.
     forward_batch_size: examples per scoring forward pass, or None for one
       pass over the whole presample.
+    presample_size: ``B``.
   """
   mesh: Optional[Mesh]
   axis: AxisName
   devices: int
   resample: str
   forward_batch_size: Optional[int]
+  presample_size: int
 
 
 def _axis_tuple(axis: AxisName) -> Tuple[str, ...]:
@@ -73,17 +64,11 @@ def resolve_layout(mesh: Optional[Mesh], data_axis: AxisName, resample: str,
                    presample_size: int, batch_size: int,
                    forward_batch_size: Optional[int]) -> Layout:
   """Validates the data-parallel options of ``importance_step`` once."""
-  if resample not in RESAMPLE_MODES:
-    raise ValueError(f"resample must be one of {list(RESAMPLE_MODES)}; got "
-                     f"{resample!r}.")
-  if forward_batch_size is not None and (
-      isinstance(forward_batch_size, bool)
-      or not isinstance(forward_batch_size, numbers.Integral)
-      or forward_batch_size < 1):
-    raise ValueError("forward_batch_size must be None or an int >= 1; got "
-                     f"{forward_batch_size!r}.")
+  _validate.one_of("resample", resample, RESAMPLE_MODES)
+  f = None if forward_batch_size is None else _validate.number(
+      "forward_batch_size", forward_batch_size, 1, integer=True,
+      hint="(None scores the whole presample in one pass)")
   big_b, b = presample_size, batch_size
-  f = None if forward_batch_size is None else int(forward_batch_size)
   if f is not None and big_b % f:
     raise ValueError(
         f"forward_batch_size={f} must divide the presample size B={big_b} "
@@ -96,7 +81,7 @@ def resolve_layout(mesh: Optional[Mesh], data_axis: AxisName, resample: str,
           "resample='local' resamples within each device's shard of the "
           "presample, so it needs the mesh: pass mesh=jax.make_mesh((n,), "
           "('data',)) (and data_axis= if your axis has another name).")
-    return Layout(None, data_axis, 1, resample, f)
+    return Layout(None, data_axis, 1, resample, f, big_b)
 
   if not isinstance(mesh, Mesh):
     raise TypeError("mesh must be a jax.sharding.Mesh such as "
@@ -131,7 +116,7 @@ def resolve_layout(mesh: Optional[Mesh], data_axis: AxisName, resample: str,
         f"axis {data_axis!r}: each scoring pass gives every device "
         f"forward_batch_size / {d} examples. Use a multiple of {d}.")
   return Layout(mesh, data_axis if isinstance(data_axis, str) else axes, d,
-                resample, f)
+                resample, f, big_b)
 
 
 # ------------------------------------------------------------------ placement
@@ -283,7 +268,7 @@ def shard_presample(batch: PyTree, mesh: Mesh,
 # ------------------------------------------------------------------ per device
 
 
-def _shard_map(layout: Layout, fn: Callable, in_specs, out_specs):
+def shard_map(layout: Layout, fn: Callable, in_specs, out_specs):
   # Manual only over the data axis: other mesh axes stay under the
   # partitioner's control.
   mapped = jax.shard_map(fn, mesh=layout.mesh, in_specs=in_specs,
@@ -323,94 +308,7 @@ def exchange_rows(batch: PyTree, indices: Array, layout: Layout) -> PyTree:
       rows = jax.lax.psum_scatter(rows, axis, scatter_dimension=0, tiled=True)
       return rows.astype(x.dtype)
     return jax.tree.map(one, batch)
-  return _shard_map(layout, per_device, (P(axis), P()), P(axis))(batch, indices)
-
-
-def first_rows(batch: PyTree, num: int, layout: Layout) -> PyTree:
-  """The examples a uniform step trains on.
-
-  One device and ``"global"``: the first ``num`` examples of the presample
-  (the single-device algorithm; on a mesh a few collective-permutes move them
-  to the devices that train on them). ``"local"``: the first ``num / d`` of
-  every device's shard, which moves nothing.
-  """
-  if layout.mesh is None:
-    return jax.tree.map(lambda x: x[:num], batch)
-  if layout.resample == "global":
-    return constrain(jax.tree.map(lambda x: x[:num], batch), layout, 0)
-  per = num // layout.devices
-  return _shard_map(layout, lambda batch: jax.tree.map(lambda x: x[:per], batch),
-                    (P(layout.axis),), P(layout.axis))(batch)
-
-
-def init_policy(policy, presample_size: int, batch_size: int,
-                layout: Layout) -> PyTree:
-  """The policy's state; with ``"local"``, one per device, stacked on axis 0."""
-  if layout.resample != "local":
-    return policy.init(presample_size, batch_size)
-  d = layout.devices
-  state = policy.init(presample_size // d, batch_size // d)
-  return jax.tree.map(
-      lambda x: jnp.broadcast_to(jnp.asarray(x), (d,) + np.shape(x)), state)
-
-
-def policy_sharding_dim(layout: Layout) -> Optional[int]:
-  """Axis of the policy state split over the devices (None: replicated)."""
-  return 0 if layout.resample == "local" else None
-
-
-def select(policy, key: Array, scores: Array, policy_state: PyTree,
-           batch: PyTree, batch_size: int, layout: Layout):
-  """Draws ``batch_size`` examples; returns ``(selection, selected batch)``.
-
-  The selection's ``indices`` are global presample positions, replicated (they
-  feed metrics only); its ``weights`` are split like the selected batch.
-  """
-  if layout.mesh is None:
-    sel = policy.select(key, scores, policy_state, batch_size)
-    return sel, jax.tree.map(lambda x: jnp.take(x, sel.indices, axis=0), batch)
-  if layout.resample == "global":
-    scores = constrain(scores, layout, None)          # all-gather of 4B bytes
-    sel = policy.select(key, scores, policy_state, batch_size)
-    indices = constrain(sel.indices, layout, None)
-    sub = exchange_rows(batch, indices, layout)
-    weights = constrain(jnp.asarray(sel.weights, jnp.float32), layout, 0)
-    return sel._replace(indices=indices, weights=weights), sub
-
-  axis, d = layout.axis, layout.devices
-
-  def per_device(key, scores, policy_state, batch):
-    shard = jax.lax.axis_index(axis)
-    key = jax.random.fold_in(key, shard)
-    # The global scores are usable (jis checked them); a shard may still be
-    # all zeros, and then any distribution over it is unbiased: use uniform.
-    scores = jnp.where(jnp.max(scores) > 0, scores, jnp.ones_like(scores))
-    state = jax.tree.map(lambda x: x[0], policy_state)
-    sel = policy.select(key, scores, state, batch_size // d)
-    sub = jax.tree.map(lambda x: jnp.take(x, sel.indices, axis=0), batch)
-    n = scores.shape[0]
-    return (sub, jnp.asarray(sel.weights, jnp.float32),
-            sel.indices + shard * n, sel.probs / d,
-            jax.tree.map(lambda x: x[None], sel.state))
-
-  sub, weights, indices, probs, state = _shard_map(
-      layout, per_device, (P(), P(axis), P(axis), P(axis)), P(axis))(
-          key, scores, policy_state, batch)
-  sel = _policies.Selection(indices=constrain(indices, layout, None),
-                            weights=weights, probs=probs, state=state)
-  return sel, sub
-
-
-def observe(policy, scores: Array, policy_state: PyTree, layout: Layout):
-  """``policy.observe`` on a uniform step (per device with ``"local"``)."""
-  if layout.resample != "local":
-    return policy.observe(scores, policy_state)
-
-  def per_device(scores, policy_state):
-    state = jax.tree.map(lambda x: x[0], policy_state)
-    return jax.tree.map(lambda x: x[None], policy.observe(scores, state))
-  return _shard_map(layout, per_device, (P(layout.axis), P(layout.axis)),
-                    P(layout.axis))(scores, policy_state)
+  return shard_map(layout, per_device, (P(axis), P()), P(axis))(batch, indices)
 
 
 def score_in_chunks(score_fn: Callable[[PyTree], Array], batch: PyTree,

@@ -12,7 +12,6 @@ of the original library (``HistorySampler``, ``CacheSampler``) and StaleSB
 few epochs.
 """
 
-import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jis import _indexed
+from jis import _validate
 
 Array = jax.Array
 PyTree = Any
@@ -50,19 +50,14 @@ class ScoreTable(NamedTuple):
       stale scores, the examples without a valid score (``scored`` False)
       filled in.
     write: ``(table, indices [n], scores [n], step) -> table``.
+    num_examples: ``N``, the table's size.
   """
   init: Callable[[], TableState]
   index: Callable[[PyTree], Array]
   fresh: Optional[Callable[[Array], Array]]
   lookup: Callable[[TableState, Array, Array], tuple]
   write: Callable[[TableState, Array, Array, Array], TableState]
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-      or value < minimum:
-    raise ValueError(f"stale_scores({name}) must be an int >= {minimum}; got "
-                     f"{value!r}.")
+  num_examples: int = 0
 
 
 def _index_getter(index_key):
@@ -117,10 +112,12 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   example) in the state, donated and updated in place with the state; each
   step reads ``B`` entries, writes ``b`` (or ``B`` on fresh steps), and
   reduces the table once to fill unscored entries (``O(N)``, far below a
-  forward pass for ``N`` up to millions). Indices must lie in ``[0, N)``: a
-  lookup outside reads NaN, which makes the step fall back to uniform scores
-  (``is/fallback = 1``). The table runs on one device (``mesh=None``) for
-  now.
+  forward pass for ``N`` up to millions). Indices must lie in ``[0, N)``.
+  Inside ``jit`` they can only be checked on device: a step whose presample
+  holds an index outside reports ``is/bad_index = 1``, reads NaN for it and
+  falls back to uniform scores (``is/fallback = 1``); an index known at trace
+  time is refused with a ValueError. The table runs on one device
+  (``mesh=None``) for now.
 
   Args:
     num_examples: ``N``, the dataset size.
@@ -137,7 +134,8 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
     A :class:`ScoreTable`. The step adds ``is/fresh`` (1 when it scored its
     presample with a forward pass), ``is/score_age`` (mean age in steps of the
     table scores it sampled from) and ``is/unscored`` (fraction of the
-    presample that had no valid score) to its metrics.
+    presample that had no valid score) and ``is/bad_index`` (1 when an index
+    lay outside ``[0, N)``) to its metrics.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -148,21 +146,21 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
     >>> scores, scored   # example 0 is unscored: the mean of the others
     (Array([3., 2., 4.], dtype=float32), Array([False,  True,  True], dtype=bool))
   """
-  _check_int("num_examples", num_examples, 1)
-  _check_int("refresh_every", refresh_every, 0)
-  _check_int("refresh_steps", refresh_steps, 1)
+  check = lambda name, value, low: _validate.number(
+      f"stale_scores({name})", value, low, integer=True)
+  n = check("num_examples", num_examples, 1)
+  check("refresh_every", refresh_every, 0)
+  check("refresh_steps", refresh_steps, 1)
   if refresh_every and refresh_steps > refresh_every:
     raise ValueError(
         f"stale_scores(refresh_steps={refresh_steps}) must be at most "
         f"refresh_every={refresh_every}: it is the number of fresh steps in "
         "every period of refresh_every steps.")
   if max_age is not None:
-    _check_int("max_age", max_age, 0)
+    check("max_age", max_age, 0)
   if not (isinstance(index_key, str) or callable(index_key)):
     raise TypeError("stale_scores(index_key) must be a batch key or a callable "
                     f"batch -> indices; got {type(index_key).__name__}.")
-  n = int(num_examples)
-
   def init():
     return TableState(jnp.ones((n,), jnp.float32), jnp.full((n,), -1, jnp.int32))
 
@@ -199,26 +197,32 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   if refresh_every:
     fresh = lambda step: (jnp.asarray(step) % refresh_every) < refresh_steps
 
-  return ScoreTable(init, _index_getter(index_key), fresh, lookup, write)
+  return ScoreTable(init, _index_getter(index_key), fresh, lookup, write, n)
 
 
-def check_index(index: Array, expected: int) -> None:
+def check_index(table: ScoreTable, index: Array, expected: int) -> None:
+  """Trace-time checks of the presample's dataset indices."""
   shape, dtype = np.shape(index), jnp.result_type(index)
   if shape != (expected,) or not jnp.issubdtype(dtype, jnp.integer):
     raise ValueError(
         f"stale_scores needs one integer dataset index per presampled example, "
         f"shape ({expected},); got {dtype}{list(shape)}.")
+  if table.num_examples:
+    _indexed.check_in_range(index, table.num_examples,
+                            "stale_scores: the presample's dataset indices")
 
 
 def presample_scores(table: ScoreTable, state: TableState, batch: PyTree,
                      step: Array, score_presample: Callable[[], Array]):
   """The presample's scores: looked up, or computed on the fresh steps.
 
-  Returns ``(scores [B], table state, fresh, metrics)``; ``fresh`` is a traced
-  bool, or the Python ``False`` when the table is never refreshed.
+  Returns ``(scores [B], table state, fresh, metrics)``; ``fresh`` is a bool
+  array, True on the steps that scored the presample with a forward pass and
+  wrote all ``B`` scores to the table.
   """
   index = table.index(batch)
-  check_index(index, _indexed.presample_size(batch))
+  size = state.scores.shape[0]
+  bad = _indexed.out_of_range(index, size)
 
   def stale():
     scores, scored = table.lookup(state, index, step)
@@ -229,30 +233,29 @@ def presample_scores(table: ScoreTable, state: TableState, batch: PyTree,
         "is/fresh": jnp.zeros((), jnp.float32),
         "is/score_age": jnp.sum(age) / jnp.maximum(jnp.sum(scored), 1),
         "is/unscored": 1.0 - jnp.mean(scored.astype(jnp.float32)),
+        "is/bad_index": bad,
     }
     return scores, state, metrics
 
   def fresh():
     scores = score_presample()
-    metrics = {"is/fresh": jnp.ones((), jnp.float32),
-               "is/score_age": jnp.zeros((), jnp.float32),
-               "is/unscored": jnp.zeros((), jnp.float32)}
+    metrics = {**uniform_metrics(), "is/fresh": jnp.ones((), jnp.float32),
+               "is/bad_index": bad}
     return scores, table.write(state, index, scores, step), metrics
 
   if table.fresh is None:
     scores, state, metrics = stale()
-    return scores, state, False, metrics
+    return scores, state, jnp.asarray(False), metrics
   is_fresh = jnp.asarray(table.fresh(step))
   scores, state, metrics = jax.lax.cond(is_fresh, fresh, stale)
   return scores, state, is_fresh, metrics
 
 
 def refresh(table: ScoreTable, state: TableState, index: Array, step: Array,
-            fresh, score_trained: Callable[[], Array]) -> TableState:
+            fresh: Array, score_trained: Callable[[], Array]) -> TableState:
   """Writes the trained examples' scores, except on fresh steps (already written)."""
-  def write():
-    return table.write(state, index, score_trained(), step)
-  if fresh is False:
+  write = lambda: table.write(state, index, score_trained(), step)
+  if table.fresh is None:
     return write()
   return jax.lax.cond(fresh, lambda: state, write)
 
@@ -260,7 +263,8 @@ def refresh(table: ScoreTable, state: TableState, index: Array, step: Array,
 def uniform_metrics() -> dict:
   """The table metrics of a uniform step (scores computed, nothing looked up)."""
   zero = jnp.zeros((), jnp.float32)
-  return {"is/fresh": zero, "is/score_age": zero, "is/unscored": zero}
+  return {"is/fresh": zero, "is/score_age": zero, "is/unscored": zero,
+          "is/bad_index": zero}
 
 
 def trained_index(table: ScoreTable, batch: PyTree, rows: PyTree,

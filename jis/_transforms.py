@@ -10,6 +10,8 @@ from typing import Any, Callable, NamedTuple, Tuple
 import jax
 import jax.numpy as jnp
 
+from jis import _validate
+
 Array = jax.Array
 
 
@@ -19,22 +21,19 @@ class ScoreTransform(NamedTuple):
   update: Callable[[Array, Any], Tuple[Array, Any]]
 
 
-def _check_non_negative(name: str, value: float) -> None:
-  if not value >= 0:
-    raise ValueError(f"{name} must be a number >= 0; got {value!r}.")
-
-
 def additive_smoothing(c: float) -> ScoreTransform:
   """``s + c``: pulls the sampling distribution towards uniform.
 
   Examples:
     >>> import jax.numpy as jnp
+
+from jis import _validate
     >>> import jis
     >>> t = jis.additive_smoothing(1.0)
     >>> t.update(jnp.array([0.0, 2.0]), t.init())[0]
     Array([1., 3.], dtype=float32)
   """
-  _check_non_negative("additive_smoothing(c)", c)
+  c = _validate.number("additive_smoothing(c)", c, 0, finite=True)
 
   def update(scores, state):
     return scores + jnp.asarray(c, scores.dtype), state
@@ -49,14 +48,16 @@ def adaptive_smoothing(c: float, forget: float = 0.9) -> ScoreTransform:
 
   Examples:
     >>> import jax.numpy as jnp
+
+from jis import _validate
     >>> import jis
     >>> t = jis.adaptive_smoothing(0.5, forget=0.0)
     >>> t.update(jnp.array([1.0, 3.0]), t.init())[0]
     Array([2., 4.], dtype=float32)
   """
-  _check_non_negative("adaptive_smoothing(c)", c)
-  if not 0 <= forget < 1:
-    raise ValueError(f"adaptive_smoothing(forget) must be in [0, 1); got {forget!r}.")
+  c = _validate.number("adaptive_smoothing(c)", c, 0, finite=True)
+  forget = _validate.number("adaptive_smoothing(forget)", forget, 0, 1,
+                            high_open=True)
 
   def update(scores, mu):
     mu = forget * mu + (1.0 - forget) * jnp.mean(scores)
@@ -69,13 +70,14 @@ def power_smoothing(p: float) -> ScoreTransform:
 
   Examples:
     >>> import jax.numpy as jnp
+
+from jis import _validate
     >>> import jis
     >>> t = jis.power_smoothing(0.5)
     >>> t.update(jnp.array([4.0, 9.0]), t.init())[0]
     Array([2., 3.], dtype=float32)
   """
-  if not 0 <= p <= 1:
-    raise ValueError(f"power_smoothing(p) must be in [0, 1]; got {p!r}.")
+  p = _validate.number("power_smoothing(p)", p, 0, 1)
 
   def update(scores, state):
     return jnp.power(scores, p), state

@@ -181,7 +181,7 @@ def test_default_condition_uses_the_budget_threshold():
   sampler = jis.importance_step(_train_step, _logits, batch_size=8, presample=1.0,
                                 budget=budget)
   state = sampler.init(_params(), jax.random.key(0))
-  assert float(state.condition.threshold) == pytest.approx(
+  assert float(state.condition) == pytest.approx(
       1.0 / (2.0 / 3.0 - 0.1), rel=1e-6)
   state, metrics = jax.jit(sampler.step)(state, _presample(8))
   assert float(metrics["is/active"]) == 0.0     # τ starts below it
@@ -212,8 +212,9 @@ def test_small_buckets_stay_unbiased():
 def test_runs_under_scan_with_the_sb_policy(budget):
   b = 8
   sampler = _sampler(budget, presample=1.75,
-                     policy=jis.selective_backprop(history=64), condition=None,
-                     tau_threshold=0.5, tau_momentum=0.5)
+                     policy=jis.selective_backprop(history=64),
+                     condition=jis.when_variance_reduced(0.5, probe_every=3),
+                     tau_momentum=0.5)
   batches = jax.tree.map(lambda *xs: jnp.stack(xs),
                          *[_presample(14, i) for i in range(8)])
   state = sampler.init(_params(), jax.random.key(0))
@@ -250,3 +251,29 @@ def test_bad_combinations_are_refused_in_the_factory():
     _sampler(jis.constant_time(buckets=2), presample=1.75, forward_batch_size=4)
   with pytest.raises(TypeError, match=r"jis.Budget"):
     _sampler(object())
+
+
+@pytest.mark.parametrize("condition", [jis.always(), jis.warmup(0)],
+                         ids=["constant", "traced"])
+def test_the_full_size_bucket_is_the_default_step_bit_for_bit(condition):
+  # One implementation: a budget's bucket (B, b) runs the very step that the
+  # default (budget-free) sampler runs, on the same key.
+  b, big_b = 8, 16
+  full = jis.Budget(plan=lambda big_b, b: ((big_b, b),),
+                    choose=lambda tau, big_b, b: jnp.int32(0),
+                    tau_threshold=lambda big_b, b: 0.0)
+  budgeted = _sampler(full, b=b, presample=big_b / b, condition=condition)
+  default = jis.importance_step(_train_step, _logits, batch_size=b,
+                                presample=big_b / b, condition=condition)
+  states = [s.init(_params(), jax.random.key(3)) for s in (budgeted, default)]
+  steps = [jax.jit(s.step) for s in (budgeted, default)]
+  for t in range(4):
+    batch = _presample(big_b, t)
+    (s1, m1), (s2, m2) = [step(state, batch) for step, state in zip(steps, states)]
+    states = [s1, s2]
+    as_data = lambda s: s._replace(key=jax.random.key_data(s.key))
+    for x, y in zip(jax.tree.leaves(as_data(s1)), jax.tree.leaves(as_data(s2))):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert float(m1["is/presample_size"]) == big_b and float(m1["is/active"]) == 1
+    for name in m2:
+      np.testing.assert_array_equal(m1[name], m2[name])

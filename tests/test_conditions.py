@@ -34,11 +34,12 @@ def _batches(score_rows):
           "s": jnp.asarray(score_rows, jnp.float32)}
 
 
-def _run(condition, score_rows):
+def _run(condition, score_rows, **kwargs):
   """is/active of every step, under lax.scan."""
   sampler = jis.importance_step(_train_step, lambda p, batch: batch["x"] @ p,
                                 batch_size=B, presample=BIG_B / B,
-                                score=_given_scores, condition=condition)
+                                score=_given_scores, condition=condition,
+                                **kwargs)
   state = sampler.init(jnp.zeros((DIM, CLASSES)), jax.random.key(0))
   _, metrics = jax.jit(lambda s, bs: jax.lax.scan(sampler.step, s, bs))(
       state, _batches(score_rows))
@@ -57,15 +58,19 @@ def _numpy_tau(s):
   return 1.0 / np.sqrt(1.0 - ((g - u) ** 2).sum() / (g ** 2).sum())
 
 
-def _simulate(statistic, threshold, momentum, score_rows):
-  """The original library's EMA condition, with jis's choice of scores: all B
-  presample scores on resampling steps, the b trained ones otherwise."""
+def _simulate(statistic, threshold, momentum, score_rows, probe_every):
+  """The original library's EMA condition, measured as jis measures it: on
+  the B presample scores of importance steps only (the first measurement
+  sets the average), with a probing importance step every probe_every steps
+  while the condition is off."""
   value, active = 0.0, []
-  for s in score_rows:
-    on = value > threshold or threshold == 0
+  for t, s in enumerate(score_rows):
+    on = (value > threshold or threshold == 0
+          or t % probe_every == probe_every - 1)
     active.append(float(on))
-    used = s if on else s[:B]
-    value = momentum * value + (1 - momentum) * statistic(used)
+    if on:
+      x = statistic(s)
+      value = x if value == 0 else momentum * value + (1 - momentum) * x
   return np.array(active)
 
 
@@ -94,8 +99,9 @@ def test_always_and_never():
 @pytest.mark.parametrize("threshold, momentum", [(0.25, 0.5), (0.15, 0.0)])
 def test_total_variation_switches_when_numpy_says(threshold, momentum):
   rows = _score_rows(2)
-  active, _ = _run(jis.when_total_variation(threshold, momentum), rows)
-  expected = _simulate(_numpy_tv, threshold, momentum, rows)
+  active, _ = _run(
+      jis.when_total_variation(threshold, momentum, probe_every=3), rows)
+  expected = _simulate(_numpy_tv, threshold, momentum, rows, 3)
   assert 0 < expected.sum() < len(rows)   # it does switch, on and off
   np.testing.assert_array_equal(active, expected)
 
@@ -103,14 +109,16 @@ def test_total_variation_switches_when_numpy_says(threshold, momentum):
 @pytest.mark.parametrize("threshold, momentum", [(1.3, 0.5), (1.6, 0.2)])
 def test_variance_reduction_switches_when_numpy_says(threshold, momentum):
   rows = _score_rows(3)
-  active, metrics = _run(jis.when_variance_reduced(threshold, momentum), rows)
-  expected = _simulate(_numpy_tau, threshold, momentum, rows)
+  active, metrics = _run(jis.when_variance_reduced(threshold, probe_every=3),
+                         rows, tau_momentum=momentum)
+  expected = _simulate(_numpy_tau, threshold, momentum, rows, 3)
   assert 0 < expected.sum() < len(rows)
   np.testing.assert_array_equal(active, expected)
-  # This step's τ is the formula of the scores the step used.
-  used = [s if on else s[:B] for s, on in zip(rows, expected)]
-  np.testing.assert_allclose(metrics["is/variance_reduction"],
-                             [_numpy_tau(s) for s in used], rtol=1e-5)
+  # This step's τ is the formula of its presample scores (1 when uniform).
+  np.testing.assert_allclose(
+      metrics["is/variance_reduction"],
+      [_numpy_tau(s) if on else 1.0 for s, on in zip(rows, expected)],
+      rtol=1e-5)
 
 
 def test_total_variation_matches_numpy():
@@ -128,9 +136,9 @@ def test_condition_update_is_the_ema_of_the_statistic():
   value = 0.0
   for s in _score_rows(5, steps=5):
     state = cond.update(state, jnp.asarray(s, jnp.float32), 0)
-    value = 0.8 * value + 0.2 * _numpy_tv(s)
+    value = _numpy_tv(s) if value == 0 else 0.8 * value + 0.2 * _numpy_tv(s)
     assert float(state.value) == pytest.approx(value, rel=1e-5)
-    assert bool(cond.active(state, 0)) == (value > 0.3)
+    assert bool(cond.active(state, 0, 0.0)) == (value > 0.3)
 
 
 @pytest.mark.parametrize("make", [
@@ -152,6 +160,11 @@ def test_every_condition_compiles_once(make):
 @pytest.mark.parametrize("make, match", [
     (lambda: jis.warmup(-1), r"warmup\(steps\)"),
     (lambda: jis.warmup(2.5), r"warmup\(steps\)"),
+    (lambda: jis.warmup(True), r"warmup\(steps\) must be an int >= 0; got True"),
+    (lambda: jis.when_total_variation(1.0),
+     r"when_total_variation\(threshold\) must be a number in \[0, 1\)"),
+    (lambda: jis.when_variance_reduced(1.5, probe_every=0),
+     r"when_variance_reduced\(probe_every\) must be an int >= 1"),
     (lambda: jis.when_total_variation(None), r"when_total_variation\(threshold\)"),
     (lambda: jis.when_total_variation(0.2, momentum=1.0), r"momentum"),
     (lambda: jis.when_variance_reduced(-1.0), r"threshold"),
@@ -159,3 +172,25 @@ def test_every_condition_compiles_once(make):
 def test_bad_arguments_are_refused(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+def test_tau_has_one_momentum():
+  # The deprecated condition momentum sets τ's; a different tau_momentum is
+  # refused rather than silently giving the switch and is/tau two averages.
+  with pytest.warns(DeprecationWarning, match="tau_momentum"):
+    cond = jis.when_variance_reduced(1.3, momentum=0.5, probe_every=3)
+  rows = _score_rows(3)
+  active, _ = _run(cond, rows)
+  expected = _simulate(_numpy_tau, 1.3, 0.5, rows, 3)
+  assert 0 < expected.sum() < len(rows)
+  np.testing.assert_array_equal(active, expected)
+  with pytest.raises(ValueError, match="one home and one momentum"):
+    _run(cond, rows, tau_momentum=0.9)
+
+
+def test_a_two_argument_condition_still_works_with_a_warning():
+  old = jis.Condition(lambda big_b, b: (), lambda state, step: step >= 2,
+                      lambda state, scores, step: state)
+  with pytest.warns(DeprecationWarning, match=r"active\(state, step, tau\)"):
+    active, _ = _run(old, _score_rows(0, steps=4))
+  np.testing.assert_array_equal(active, [0, 0, 1, 1])

@@ -39,7 +39,8 @@ def _params(dtype=jnp.float32):
 def _score_step():
   sampler = jis.importance_step(
       _train_step, lambda p, batch: batch["x"] @ p, batch_size=b,
-      presample=B / b, tau_threshold=0.0,
+      presample=B / b, tau_threshold=0.0, diagnostics=True,
+      policy=jis.importance_sampling(max_weight=MAX_WEIGHT),
       score=lambda logits, labels, batch: batch["s"])
   return sampler, jax.jit(sampler.step)
 

@@ -312,7 +312,7 @@ def test_is_metrics_describe_what_each_policy_did():
   def run(policy):
     sampler = jis.importance_step(_train_step, _logits, batch_size=B,
                                   presample=BIG_B / B, tau_threshold=0.0,
-                                  policy=policy)
+                                  policy=policy, diagnostics=True)
     return jax.jit(sampler.step)(sampler.init(params, jax.random.key(0)), batch)[1]
 
   def entropy(p):

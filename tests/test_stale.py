@@ -181,7 +181,7 @@ def test_uniform_steps_write_the_scores_they_compute():
 
 def test_selection_follows_the_stale_scores():
   data, params = _dataset(), _params()
-  sampler = _sampler()
+  sampler = _sampler(diagnostics=True)
   rng = np.random.default_rng(0)
   table_scores = rng.exponential(size=N).astype(np.float32)
   idx = np.asarray(_indices(0))

@@ -126,61 +126,66 @@ def test_categorical_sampler_frequencies_match_probabilities():
 # ---------------------------------------------------------------- τ tracking
 
 
-def test_tau_tracks_numpy_reference_on_uniform_steps():
-  big_b, b, m, steps = 12, 4, 0.8, 6
-  sampler = jis.importance_step(_linear_train_step, _linear_logits, batch_size=b,
-                                presample=3.0, tau_threshold=float("inf"),
-                                tau_momentum=m)
+def _numpy_tau(scores):
+  g = scores / scores.sum()
+  return 1 / np.sqrt(1 - ((g - 1 / len(g)) ** 2).sum() / (g ** 2).sum())
+
+
+def test_tau_tracks_numpy_reference_on_importance_steps():
+  # Probes every 3rd step (steps 2, 5): τ is measured on the presample of each
+  # importance step, the first measurement setting it, and held in between.
+  big_b, m = 12, 0.8
+  sampler = jis.importance_step(
+      _linear_train_step, _linear_logits, batch_size=4, presample=3.0,
+      condition=jis.when_variance_reduced(1e9, probe_every=3), tau_momentum=m)
   state = sampler.init(_params(), jax.random.key(0))
   step = jax.jit(sampler.step)
-  tau = 0.0
-  for i in range(steps):
+  tau, seen = 0.0, []
+  for i in range(7):
     batch = _presample(big_b, seed=10 + i)
-    scores = _numpy_upper_bound(state.inner, {k: v[:b] for k, v in batch.items()})
-    g = scores / scores.sum()
-    tau = m * tau + (1 - m) / np.sqrt(1 - ((g - 1 / b) ** 2).sum() / (g ** 2).sum())
+    step_tau = _numpy_tau(_numpy_upper_bound(state.inner, batch))
     state, metrics = step(state, batch)
-    assert float(metrics["is/active"]) == 0.0
+    active = float(metrics["is/active"])
+    seen.append(active)
+    if active:
+      tau = step_tau if tau == 0 else m * tau + (1 - m) * step_tau
+      np.testing.assert_allclose(float(metrics["is/variance_reduction"]),
+                                 step_tau, rtol=1e-5)
+    else:
+      assert float(metrics["is/variance_reduction"]) == 1.0
     np.testing.assert_allclose(float(state.tau), tau, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["is/tau"]), tau, rtol=1e-5)
-
-
-def test_tau_uses_presample_scores_on_importance_steps():
-  sampler = jis.importance_step(_linear_train_step, _linear_logits, batch_size=4,
-                                presample=3.0, tau_threshold=0.0, tau_momentum=0.5)
-  state = sampler.init(_params(), jax.random.key(0))
-  batch = _presample(12)
-  expected = 0.5 * jis.variance_reduction(_numpy_upper_bound(state.inner, batch))
-  state, metrics = jax.jit(sampler.step)(state, batch)
-  assert float(metrics["is/active"]) == 1.0
-  np.testing.assert_allclose(float(state.tau), float(expected), rtol=1e-5)
+  assert seen == [0, 0, 1, 0, 0, 1, 0]
 
 
 def test_default_threshold_is_eq_29_and_switches_on_when_tau_exceeds_it():
   big_b, b = 12, 4
-  sampler = jis.importance_step(_linear_train_step, _linear_logits, batch_size=b,
-                                presample=3.0, tau_momentum=0.0,
-                                score=lambda logits, labels, batch: batch["s"])
+  make = lambda **kw: jis.importance_step(
+      _linear_train_step, _linear_logits, batch_size=b, presample=3.0,
+      tau_momentum=0.0, score=lambda logits, labels, batch: batch["s"], **kw)
+  sampler = make()
   state = sampler.init(_params(), jax.random.key(0))
-  assert float(state.condition.threshold) == pytest.approx(jis.tau_threshold(big_b, b))
-  step = jax.jit(sampler.step)
+  assert float(state.condition) == pytest.approx(jis.tau_threshold(big_b, b))
   flat = {**_presample(big_b), "s": jnp.ones(big_b)}
+  # Two hot scores among B = 12: τ = sqrt(12 * 2 / 4) = sqrt(6) ≈ 2.45.
   peaked = {**flat, "s": jnp.zeros(big_b).at[0].set(1.0).at[5].set(1.0)}
-  state, m = step(state, flat)                    # τ₀ = 0: uniform
-  assert float(m["is/active"]) == 0.0
-  state, m = step(state, {**peaked, "s": peaked["s"]})  # uniform; its b scores peak
-  assert float(m["is/active"]) == 0.0 and float(state.tau) == pytest.approx(2.0)
-  state, m = step(state, peaked)                  # τ = 2 > τ_th = 2? no: equal
-  assert float(m["is/active"]) == 0.0
-  state, m = step(state, {**flat, "s": jnp.zeros(big_b).at[1].set(1.0)})
-  assert float(state.tau) == pytest.approx(2.0)   # one hot among b = 4: sqrt(4)
-  sampler2 = jis.importance_step(_linear_train_step, _linear_logits, batch_size=b,
-                                 presample=3.0, tau_momentum=0.0, tau_threshold=1.9,
-                                 score=lambda logits, labels, batch: batch["s"])
-  s2 = sampler2.init(_params(), jax.random.key(0))
-  s2, m = jax.jit(sampler2.step)(s2, peaked)
-  s2, m = jax.jit(sampler2.step)(s2, peaked)
+  step = jax.jit(sampler.step)
+  for _ in range(31):                              # no probe before step 31
+    state, m = step(state, peaked)
+    assert float(m["is/active"]) == 0.0 and float(state.tau) == 0.0
+  state, m = step(state, peaked)                   # the probe measures τ
   assert float(m["is/active"]) == 1.0
+  assert float(state.tau) == pytest.approx(np.sqrt(6.0), rel=1e-5)
+  state, m = step(state, flat)                     # τ > 2: resample; τ → 1
+  assert float(m["is/active"]) == 1.0 and float(state.tau) == pytest.approx(1.0)
+  state, m = step(state, peaked)                   # τ = 1 < 2: uniform
+  assert float(m["is/active"]) == 0.0
+  # A threshold of 2.5 is above sqrt(6): the probe does not switch it on.
+  high = make(tau_threshold=2.5)
+  s2 = high.init(_params(), jax.random.key(0))
+  for _ in range(33):
+    s2, m = jax.jit(high.step)(s2, peaked)
+  assert float(m["is/active"]) == 0.0
 
 
 # ---------------------------------------------------------------- equivalence
@@ -213,16 +218,31 @@ def _sampler(**kw):
                              presample=3.0, **kw)
 
 
+def _switching_sampler():
+  """Probes every 4th step; peaked scores there switch on the next step,
+  whose flat scores switch it off: active on steps 3, 4, 7, 8, ..."""
+  return jis.importance_step(
+      _linear_train_step, _linear_logits, batch_size=4, presample=3.0,
+      condition=jis.when_variance_reduced(1.5, probe_every=4),
+      tau_momentum=0.0, score=lambda logits, labels, batch: batch["s"])
+
+
+def _switching_batches(n):
+  flat = jnp.ones(12)
+  peaked = jnp.zeros(12).at[3].set(1.0)
+  return [{**_presample(12, seed=i), "s": peaked if i % 4 == 3 else flat}
+          for i in range(n)]
+
+
 def test_compiles_once_across_branches_and_many_calls():
-  sampler = jis.importance_step(_linear_train_step, _linear_logits, batch_size=4,
-                                presample=3.0, tau_threshold=1.01, tau_momentum=0.0)
+  sampler = _switching_sampler()
   step = jax.jit(sampler.step)
   state = sampler.init(_params(), jax.random.key(0))
   active = []
-  for i in range(12):
-    state, metrics = step(state, _presample(12, seed=i))
+  for batch in _switching_batches(12):
+    state, metrics = step(state, batch)
     active.append(float(metrics["is/active"]))
-  assert 0.0 in active and 1.0 in active  # both branches ran
+  assert active == [0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1]
   assert step._cache_size() == 1
 
 
@@ -234,9 +254,9 @@ def test_no_host_callbacks_and_one_cond():
   text = str(jaxpr)
   assert "callback" not in text
   conds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
-  # One cond chooses the rows to train on, one does the bookkeeping after the
-  # step; both branch on the condition's traced predicate.
-  assert len(conds) == 2
+  # One cond chooses the rows to train on; with no score table and no policy
+  # that observes uniform steps there is nothing to record after the step.
+  assert len(conds) == 1
   # train_step runs once, outside both conds.
   assert sum(e.primitive.name == "dot_general" for e in jaxpr.jaxpr.eqns) >= 1
 
@@ -284,9 +304,8 @@ def test_scanned_step_copies_no_presample_rows():
 
 
 def test_runs_under_scan_and_matches_a_python_loop():
-  sampler = _sampler(tau_threshold=1.01, tau_momentum=0.0)
-  batches = jax.tree.map(lambda *xs: jnp.stack(xs),
-                         *[_presample(12, seed=i) for i in range(6)])
+  sampler = _switching_sampler()
+  batches = jax.tree.map(lambda *xs: jnp.stack(xs), *_switching_batches(6))
   state0 = sampler.init(_params(), jax.random.key(0))
   scanned, metrics = jax.jit(lambda s, bs: jax.lax.scan(sampler.step, s, bs))(
       state0, batches)
@@ -385,29 +404,71 @@ def test_trainstate_with_batch_stats_and_dropout(threshold):
   assert not np.allclose(state.inner.batch_stats["BatchNorm_0"]["mean"], 0.0)
 
 
-def test_uniform_step_uses_train_logits_instead_of_a_forward_pass():
-  calls = []
-
-  def counting_logits(state, batch):
+def _counting(calls, fn):
+  def counted(state, batch):
     calls.append(jax.tree.leaves(batch)[0].shape[0])
-    return _bn_logits(state, batch)
-  # A threshold no τ reaches, but not a constant one (inf would compile the
-  # uniform branch alone).
-  sampler = jis.importance_step(_bn_train_step, counting_logits, batch_size=8,
-                                presample=2.0, tau_threshold=1e30)
-  state = sampler.init(_bn_state(), jax.random.key(0))
-  jax.make_jaxpr(sampler.step)(state, _presample(16))
-  assert calls == [16]  # traced for the importance branch only
+    return fn(state, batch)
+  return counted
 
+
+def test_uniform_steps_make_no_forward_pass():
+  # A threshold no τ reaches, but not a constant one (inf would compile the
+  # uniform branch alone): logits_fn is traced for the importance branch only,
+  # whether or not the train step hands back its logits.
   def no_logits_step(state, batch, weights):
     state, metrics = _bn_train_step(state, batch, weights)
     return state, {"loss": metrics["loss"]}
-  calls.clear()
-  sampler = jis.importance_step(no_logits_step, counting_logits, batch_size=8,
-                                presample=2.0, tau_threshold=1e30)
-  jax.make_jaxpr(sampler.step)(sampler.init(_bn_state(), jax.random.key(0)),
-                               _presample(16))
-  assert sorted(calls) == [8, 16]  # forward of b on the uniform branch
+  for train_step in (_bn_train_step, no_logits_step):
+    calls = []
+    sampler = jis.importance_step(train_step, _counting(calls, _bn_logits),
+                                  batch_size=8, presample=2.0,
+                                  tau_threshold=1e30)
+    jax.make_jaxpr(sampler.step)(sampler.init(_bn_state(), jax.random.key(0)),
+                                 _presample(16))
+    assert calls == [16]
+
+
+@pytest.mark.parametrize("returns_logits", [True, False])
+def test_recorded_scores_come_from_the_train_logits_when_given(returns_logits):
+  # A score table keeps the trained examples' scores: from the "is/logits"
+  # the train step hands back when it does (here zeros, so that they differ
+  # from logits_fn's), else from logits_fn at the pre-update parameters.
+  def train_step(params, batch, weights):
+    new, metrics = _linear_train_step(params, batch, weights)
+    if returns_logits:
+      metrics["is/logits"] = jnp.zeros((batch["x"].shape[0], CLASSES))
+    return new, metrics
+  sampler = jis.importance_step(train_step, _linear_logits, batch_size=4,
+                                presample=3.0, score_table=jis.stale_scores(12),
+                                condition=jis.never())
+  state = sampler.init(_params(), jax.random.key(0))
+  batch = {**_presample(12), "index": jnp.arange(12)}
+  expected = (np.full(4, np.sqrt(2 / 3)) if returns_logits else   # ‖1/3 − y‖
+              _numpy_upper_bound(state.inner, {k: v[:4] for k, v in batch.items()}))
+  state, _ = jax.jit(sampler.step)(state, batch)
+  np.testing.assert_allclose(state.table.scores[:4], expected, rtol=1e-5)
+  np.testing.assert_array_equal(state.table.scored_at[:4], 0)
+  np.testing.assert_array_equal(state.table.scored_at[4:], -1)
+
+
+def test_train_step_is_traced_once_per_compile():
+  calls = []
+
+  def counting_step(params, batch, weights):
+    calls.append(1)
+    return _linear_train_step(params, batch, weights)
+  for kwargs in (dict(tau_threshold=None), dict(tau_threshold=0.0),
+                 dict(policy=jis.online_batch_selection()),
+                 dict(score_table=jis.stale_scores(40))):
+    calls.clear()
+    sampler = jis.importance_step(counting_step, _linear_logits, batch_size=4,
+                                  presample=3.0, **kwargs)
+    batch = {**_presample(12), "index": jnp.arange(12)}
+    step = jax.jit(sampler.step)
+    state = sampler.init(_params(), jax.random.key(0))
+    for _ in range(3):
+      state, _ = step(state, batch)
+    assert len(calls) == 1, kwargs
 
 
 def test_uniform_score_makes_no_forward_pass():
@@ -421,8 +482,8 @@ def test_uniform_score_makes_no_forward_pass():
 
 
 @pytest.mark.parametrize("constant, traced, kwargs", [
-    (dict(tau_threshold=float("inf")), [4], dict(tau_threshold=1e30)),
-    (dict(condition=jis.never()), [4], dict(tau_threshold=1e30)),
+    (dict(tau_threshold=float("inf")), [], dict(tau_threshold=1e30)),
+    (dict(condition=jis.never()), [], dict(tau_threshold=1e30)),
     # Uniform scores have τ = 1: eq. 29's threshold (2 here) is never crossed.
     (dict(score="uniform"), [], dict(score="uniform", tau_threshold=1e30)),
     (dict(tau_threshold=0.0), [12], dict(condition=jis.warmup(0))),
@@ -442,7 +503,7 @@ def test_a_constant_condition_compiles_one_branch_without_a_cond(
   sampler, reference = make(**constant), make(**kwargs)
   state = sampler.init(_params(), jax.random.key(0))
   jaxpr = jax.make_jaxpr(sampler.step)(state, _presample(12))
-  assert calls == traced   # [4]: trained rows' scores; [12]: the presample
+  assert calls == traced   # [12]: the presample's scores
   assert not [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
   # The same steps as the traced condition that takes the same branch.
   ref_state = reference.init(_params(), jax.random.key(0))
@@ -579,7 +640,7 @@ def test_smoothing_shorthands_build_the_transforms():
     (dict(batch_size=0), ValueError, "batch_size must be an int >= 1"),
     (dict(loss="hinge"), ValueError, "Unknown loss='hinge'"),
     (dict(score="entropy"), ValueError, "Unknown score='entropy'"),
-    (dict(tau_momentum=1.0), ValueError, "tau_momentum must be in"),
+    (dict(tau_momentum=1.0), ValueError, r"tau_momentum must be a number in \[0, 1\)"),
     (dict(k=0.5, policy=jis.uniform()), ValueError, "k=0.5 is a shorthand"),
     (dict(tau_threshold=1.0, condition=jis.always()), ValueError, "tau_threshold is a shorthand"),
     (dict(smooth=1.0, score_transforms=()), ValueError, "shorthands for score_transforms"),

@@ -1,0 +1,224 @@
+"""The options of ``importance_step``, validated and resolved into one static plan.
+
+``importance_step`` takes two dozen keyword options, several of them
+shorthands for others. :func:`make` checks each once, at build time, and
+resolves them into a :class:`Plan` of jis objects, so that the step itself
+never inspects an option again.
+"""
+
+import warnings
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple
+
+import jax
+
+from jis import _budget
+from jis import _conditions
+from jis import _losses
+from jis import _placement
+from jis import _policies
+from jis import _scores
+from jis import _stale
+from jis import _transforms
+from jis import _validate
+from jis import _variance
+
+PyTree = Any
+
+#: τ's default momentum (``importance_step(tau_momentum=None)``).
+TAU_MOMENTUM = 0.9
+
+
+class Plan(NamedTuple):
+  """Everything the step needs to know before it sees a batch.
+
+  Attributes:
+    batch_size: ``b``, examples per update.
+    presample_size: ``B = round(presample · b)``, examples per presample.
+    loss: the per-example loss and its logit-gradient norm.
+    score: the importance score.
+    labels: ``batch -> labels``.
+    policy: how ``b`` rows are drawn from the scores.
+    condition: when a step resamples.
+    transforms: score transforms, applied in order.
+    table: the stale score table, or None.
+    buckets: the budget's ``(n_scored, n_trained)`` sizes, or None.
+    budget: the budget mode, or None.
+    placement: where the presample lives (one device, global, local).
+    tau_momentum: momentum of τ's moving average.
+    static_active: True/False when the condition is known before the run
+      (one branch compiled, no ``lax.cond``), else None.
+    diagnostics: whether the step reports the metrics that cost a sort or a
+      log (``is/selected_fraction_unique``, ``is/entropy``).
+  """
+  batch_size: int
+  presample_size: int
+  loss: _losses.Loss
+  score: _scores.Score
+  labels: Callable[[PyTree], Any]
+  policy: _policies.Policy
+  condition: _conditions.Condition
+  transforms: Tuple[_transforms.ScoreTransform, ...]
+  table: Optional[_stale.ScoreTable]
+  buckets: Optional[_budget.Buckets]
+  budget: Optional[_budget.Budget]
+  placement: _placement.Placement
+  tau_momentum: float
+  static_active: Optional[bool]
+  diagnostics: bool
+
+
+def labels_getter(labels) -> Callable[[PyTree], Any]:
+  """``batch -> labels`` from a batch key or a callable."""
+  if callable(labels):
+    return labels
+  if not isinstance(labels, (str, int)):
+    raise TypeError(
+        f"labels must be a batch key or a callable batch -> labels; got "
+        f"{type(labels).__name__}.")
+
+  def get(batch):
+    try:
+      return batch[labels]
+    except (KeyError, IndexError, TypeError):
+      keys = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
+      raise ValueError(
+          f"labels={labels!r} but the batch has no such entry (it has {keys}). "
+          "Pass labels=<the key holding the targets>, or a callable "
+          "labels=lambda batch: ...") from None
+  return get
+
+
+def _deprecated(option: str, instead: str) -> None:
+  warnings.warn(f"importance_step({option}) is deprecated; pass {instead}.",
+                DeprecationWarning, stacklevel=5)
+
+
+def _policy(policy, k: float) -> _policies.Policy:
+  if k != 1.0:
+    _deprecated("k=", "policy=jis.importance_sampling(k=...)")
+    if policy is not None:
+      raise ValueError(
+          f"k={k} is a shorthand for policy=jis.importance_sampling(k); it "
+          "cannot be combined with policy=. Pass the exponent to the policy.")
+    return _policies.importance_sampling(k)
+  if policy is None:
+    return _policies.importance_sampling()
+  return _validate.instance("policy", policy, _policies.Policy,
+                            "jis.Policy (e.g. jis.importance_sampling())")
+
+
+def _transforms_of(score_transforms, smooth: float, adaptive_smooth: bool):
+  if smooth or adaptive_smooth:
+    _deprecated("smooth=, adaptive_smooth=",
+                "score_transforms=(jis.additive_smoothing(c),) or "
+                "(jis.adaptive_smoothing(c),)")
+    if score_transforms is not None:
+      raise ValueError(
+          "smooth/adaptive_smooth are shorthands for score_transforms; put "
+          "jis.additive_smoothing / jis.adaptive_smoothing in score_transforms "
+          "instead.")
+    if adaptive_smooth and not smooth > 0:
+      raise ValueError(
+          "adaptive_smooth=True scales smooth by a moving average of the "
+          f"scores, so smooth must be > 0; got smooth={smooth!r}.")
+    make = (_transforms.adaptive_smoothing if adaptive_smooth
+            else _transforms.additive_smoothing)
+    return (make(smooth),)
+  transforms = tuple(score_transforms or ())
+  for t in transforms:
+    _validate.instance("score_transforms entries", t, _transforms.ScoreTransform,
+                       "jis.ScoreTransform (e.g. jis.additive_smoothing(1.0))")
+  return transforms
+
+
+def _condition(condition, tau_threshold, budget, table, big_b: int, b: int):
+  """The switch condition and the τ threshold it was given (or None)."""
+  if condition is not None:
+    if tau_threshold is not None:
+      raise ValueError(
+          "tau_threshold is a shorthand for condition=jis.when_variance_reduced"
+          "(threshold); it cannot be combined with condition=.")
+    _validate.instance("condition", condition, _conditions.Condition,
+                       "jis.Condition (e.g. jis.always())")
+    if condition.constant not in (None, True, False):
+      raise TypeError("condition.constant must be None, True or False; got "
+                      f"{condition.constant!r}.")
+    return _conditions.with_tau(condition), None
+  if tau_threshold is None and budget is not None:
+    tau_threshold = budget.tau_threshold(big_b, b)
+  elif tau_threshold is None and table is not None:
+    # Eq. 29 prices a presample forward pass that stale scores do not make.
+    return _conditions.always(), None
+  elif tau_threshold is None:
+    tau_threshold = _variance.tau_threshold(big_b, b)
+  return _conditions.when_variance_reduced(tau_threshold), tau_threshold
+
+
+def _tau_momentum(tau_momentum, condition) -> float:
+  if tau_momentum is not None:
+    _validate.number("tau_momentum", tau_momentum, 0, 1, high_open=True)
+  asked = condition.tau_momentum
+  if asked is not None and tau_momentum is not None and asked != tau_momentum:
+    raise ValueError(
+        f"The condition asks for a τ momentum of {asked} but tau_momentum="
+        f"{tau_momentum}: τ has one home and one momentum. Pass only "
+        "tau_momentum=.")
+  for value in (tau_momentum, asked):
+    if value is not None:
+      return float(value)
+  return TAU_MOMENTUM
+
+
+def _static_active(condition, score, threshold) -> Optional[bool]:
+  # Uniform scores have τ = 1, so a τ threshold above 1 never fires: compile
+  # the uniform branch alone.
+  if (condition.constant is None and score.name == "uniform"
+      and threshold is not None and threshold > 1.01):
+    return False
+  return condition.constant
+
+
+def make(train_step, logits_fn, *, batch_size, presample, loss, labels, score,
+         tau_threshold, tau_momentum, k, smooth, adaptive_smooth,
+         score_transforms, policy, condition, score_table, budget,
+         forward_batch_size, mesh, data_axis, resample, diagnostics) -> Plan:
+  """Validates every option of ``importance_step`` and resolves its plan."""
+  b = _validate.number("batch_size", batch_size, 1, integer=True)
+  presample = _validate.number(
+      "presample", presample, 1, finite=True,
+      hint="B = round(presample * batch_size) examples are scored per step.")
+  big_b = int(round(presample * b))
+  _validate.accepts(train_step, "train_step", ("state", "batch", "weights"))
+  loss_ = _losses.resolve_loss(loss)
+  score_ = _scores.resolve_score(score, loss_)
+  if logits_fn is None and score_.needs_logits:
+    raise ValueError(
+        f"score={score_.name!r} needs the model's logits, so logits_fn is "
+        "required: pass logits_fn(state, batch) -> logits (inference mode).")
+  if logits_fn is not None:
+    _validate.accepts(logits_fn, "logits_fn", ("state", "batch"))
+  if score_table is not None:
+    _validate.instance("score_table", score_table, _stale.ScoreTable,
+                       "jis.ScoreTable (jis.stale_scores(N))")
+  placement = _placement.make(mesh, data_axis, resample, big_b, b,
+                              forward_batch_size)
+  if score_table is not None and placement.layout.mesh is not None:
+    raise ValueError("score_table runs on one device for now: pass mesh=None.")
+  buckets = None
+  if budget is not None:
+    if score_table is not None:
+      raise ValueError(
+          "budget trades presample forward passes against backward passes; "
+          "with score_table the presample needs no forward pass. Use one.")
+    buckets = _budget.resolve_buckets(budget, big_b, b, placement.layout)
+  condition, threshold = _condition(condition, tau_threshold, budget,
+                                    score_table, big_b, b)
+  return Plan(
+      batch_size=b, presample_size=big_b, loss=loss_, score=score_,
+      labels=labels_getter(labels), policy=_policy(policy, k),
+      condition=condition,
+      transforms=_transforms_of(score_transforms, smooth, adaptive_smooth),
+      table=score_table, buckets=buckets, budget=budget, placement=placement,
+      tau_momentum=_tau_momentum(tau_momentum, condition),
+      static_active=_static_active(condition, score_, threshold),
+      diagnostics=bool(diagnostics))
