@@ -46,3 +46,12 @@ from jis._variance import tau_threshold
 from jis._variance import variance_reduction
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # jis.nnx (ImportanceSampler, SamplerState), the Flax NNX front end, loads on
+  # first use, so that `import jis` needs no flax.
+  if name == "nnx":
+    import importlib
+    return importlib.import_module("jis.nnx")
+  raise AttributeError(f"module 'jis' has no attribute {name!r}")
