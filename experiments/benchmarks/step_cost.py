@@ -118,7 +118,7 @@ class Programs:
 
   def __init__(self, config, model, shape, b: int, presample: float, k: int,
                seed: int = 0, jis_module=jis, only=None,
-               score_dtype: Optional[str] = None):
+               score_dtype: Optional[str] = None, train_logits: bool = False):
     from experiments import train  # pylint: disable=g-import-not-at-top
     self.b, self.big_b, self.k = b, int(round(presample * b)), k
     logits_fn = train.logits_fn
@@ -143,10 +143,16 @@ class Programs:
         return total + jnp.sum(scores), {"score_mean": jnp.mean(scores)}
       return _scan(score_step, k)(jnp.zeros((), jnp.float32), xs)
 
+    def plain_step(s, batch, weights):
+      # What most users write: a train step that does not hand back logits.
+      s, metrics = train.train_step(s, batch, weights)
+      metrics.pop(jis.LOGITS_KEY)
+      return s, metrics
+
     def sampler(condition):
-      return jis_module.importance_step(train.train_step, logits_fn,
-                                        batch_size=b, presample=presample,
-                                        condition=condition)
+      return jis_module.importance_step(
+          train.train_step if train_logits else plain_step, logits_fn,
+          batch_size=b, presample=presample, condition=condition)
 
     # Traced predicates, as a run with the default condition has them (a
     # constant one, tau_threshold=0 or inf, compiles one branch and no cond).
