@@ -19,7 +19,9 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import checkpoints
 from experiments import input_pipeline
+from experiments import metric_writer
 from experiments import train
 import experiments_testing
 from experiments_testing import tiny_config
@@ -46,56 +48,76 @@ def _flags(config) -> list:
       f"--config.model.features={tuple(c.model.features)}",
       f"--config.sampler.tau_threshold={c.sampler.tau_threshold}",
       f"--config.num_steps={c.num_steps}",
+      f"--config.train_seconds={c.train_seconds}",
       f"--config.steps_per_dispatch={c.steps_per_dispatch}",
       f"--config.log_every_steps={c.log_every_steps}",
       f"--config.eval_every_steps={c.eval_every_steps}",
+      f"--config.eval_every_seconds={c.eval_every_seconds}",
       f"--config.eval_batch_size={c.eval_batch_size}",
       f"--config.checkpoint_every_steps={c.checkpoint_every_steps}",
+      f"--config.checkpoint_every_seconds={c.checkpoint_every_seconds}",
       f"--config.data_on_device={c.data_on_device}",
       "--config.progress_bar=False",
       "--config.num_devices=0",            # all 4 devices of the 2 processes
   ]
 
 
-def launch_two_processes(config, workdir: str) -> None:
-  """``config`` through experiments.main as 2 processes x 2 CPU devices."""
+def start_two_processes(config, workdir: str, name: str = "run") -> list:
+  """``config`` through experiments.main as 2 processes x 2 CPU devices;
+  each process logs to ``{workdir}.{name}.log{i}``."""
   env = experiments_testing.cache_env()
   env.update(JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   env[input_pipeline.DATA_DIR_ENV] = config.dataset.data_dir
   port = _free_port()
-  logs = [open(f"{workdir}.log{i}", "w+") for i in range(2)]
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.main", f"--workdir={workdir}",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2",
-       f"--process_id={i}"] + _flags(config),
-      cwd=experiments_testing.repo_root(), env=env, stdout=logs[i],
-      stderr=subprocess.STDOUT) for i in range(2)]
-  deadline = time.monotonic() + TIMEOUT_S
+  procs = []
+  for i in range(2):
+    log = open(f"{workdir}.{name}.log{i}", "w+")
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "experiments.main", f"--workdir={workdir}",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2",
+         f"--process_id={i}"] + _flags(config),
+        cwd=experiments_testing.repo_root(), env=env, stdout=log,
+        stderr=subprocess.STDOUT))
+    procs[-1].log = log
+  return procs
+
+
+def finish(procs: list, deadline: float) -> list:
+  """Waits for both processes; kills both when one fails or at ``deadline``
+  (time.monotonic()); asserts they exited with 0. Returns their logs."""
   try:
     # A process that fails leaves the other waiting in a collective: stop
     # both as soon as one fails, or at the deadline.
     while any(p.poll() is None for p in procs):
       if time.monotonic() > deadline or any(p.poll() for p in procs):
         break
-      time.sleep(0.2)
+      time.sleep(0.1)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    log.seek(0)
-    text = log.read()
-    log.close()
+  texts = []
+  for i, p in enumerate(procs):
+    p.log.seek(0)
+    texts.append(p.log.read())
+    p.log.close()
     assert p.returncode == 0, (
-        f"process {i} exited with {p.returncode} (killed at the {TIMEOUT_S} s "
-        f"deadline or after the other failed):\n{text[-4000:]}")
+        f"process {i} exited with {p.returncode} (killed at the deadline, "
+        f"or after the other failed):\n{texts[-1][-4000:]}")
+  return texts
+
+
+def launch_two_processes(config, workdir: str, name: str = "run") -> list:
+  """Runs ``config`` as 2 processes to the end; returns their logs."""
+  return finish(start_two_processes(config, workdir, name),
+                time.monotonic() + TIMEOUT_S)
 
 
 def restore(workdir: str, step: int, template):
   """The jis state of ``workdir``'s checkpoint ``step``, on one device."""
-  ckpt = train.Checkpointer(os.path.join(workdir, "checkpoints"), 2)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 2)
   try:
     restored, _ = ckpt.restore(step, {
         "jis": template, "data": {"epoch": np.int32(0), "offset": np.int32(0)}})
@@ -115,7 +137,7 @@ def assert_close_state(a, b):
 
 
 def final_eval(workdir: str) -> dict:
-  return [r for r in train.read_metrics(workdir) if "eval/test_loss" in r][-1]
+  return [r for r in metric_writer.read_metrics(workdir) if "eval/test_loss" in r][-1]
 
 
 def test_two_processes_match_one_and_resume_on_one(fake_data, tmp_path):
@@ -130,10 +152,10 @@ def test_two_processes_match_one_and_resume_on_one(fake_data, tmp_path):
   # Process 0 alone wrote the config and the log: every line once.
   with open(os.path.join(split, "config.json")) as f:
     assert json.load(f)["num_steps"] == 3
-  records = train.read_metrics(split)
+  records = metric_writer.read_metrics(split)
   assert [r["step"] for r in records if "eval/test_loss" in r] == [0, 3]
   assert [r["step"] for r in records if "train/loss" in r] == [3]
-  expected = train.read_metrics(str(tmp_path / "three"))
+  expected = metric_writer.read_metrics(str(tmp_path / "three"))
   for got, want in zip(records, expected):
     for key in ("train/loss", "eval/test_loss", "is/tau"):
       if key in want:
@@ -157,7 +179,8 @@ def test_one_process_checkpoint_resumes_on_two(fake_data, tmp_path):
   launch_two_processes(tiny_config(fake_data, num_steps=6), split)
 
   assert_close_state(restore(split, 6, whole.state), whole.state)
-  records = train.read_metrics(split)
+  records = metric_writer.read_metrics(split)
   assert [r["step"] for r in records if "eval/test_loss" in r] == [0, 3, 6]
   assert final_eval(split)["eval/test_loss"] == pytest.approx(
       final_eval(str(tmp_path / "whole"))["eval/test_loss"], rel=1e-5)
+
