@@ -1,10 +1,25 @@
 """When the training loop logs, evaluates, saves and stops.
 
 Step cadences (``*_every_steps``, ``*_every_epochs``, ``num_steps``,
-``num_epochs``) are arithmetic on the step count. Time cadences
-(``train_seconds``, ``eval_every_seconds``, ``checkpoint_every_seconds``)
-and preemption (SIGTERM) follow a reading of :class:`Clocks`, from which
-:class:`Cadence` decides.
+``num_epochs``) are arithmetic on the step count: every process computes the
+same answer. Time cadences (``train_seconds``, ``eval_every_seconds``,
+``checkpoint_every_seconds``) and preemption (SIGTERM) are not: each process
+has its own clock and receives its own signals, and a process that decided
+alone to evaluate, save or stop would enter (or leave) a collective that the
+others never join. So the loop reads them once per dispatch through
+:meth:`Clocks.agreed`: process 0's clocks, and whether any process received
+SIGTERM, gathered by one small ``multihost_utils.process_allgather`` before
+anything else runs; :class:`Cadence` then decides the same on every process.
+With one process it is the local reading and costs nothing.
+
+Why not the library parts that look like this: ``clu.periodic_actions``
+fires on ``step % every_steps == 0`` and must be called after every step,
+while a dispatch advances ``steps_per_dispatch`` steps (and clu 0.0.12 cannot
+be imported without TensorFlow); orbax's ``save_interval_steps`` has the same
+modulo rule. ``multihost_utils.reached_preemption_sync_point`` answers only
+under ``jax.distributed`` (a one-process run needs its own handler anyway)
+and needs a counter that advances by exactly one per call on every process,
+which orbax's ``CheckpointManager.save`` overwrites with the step number.
 """
 
 import math
@@ -14,6 +29,8 @@ import time
 from typing import NamedTuple
 
 from absl import logging
+from jax.experimental import multihost_utils
+import jax
 import numpy as np
 
 NO_STEP_BUDGET = np.iinfo(np.int32).max
@@ -102,8 +119,13 @@ class Clocks:
                self._sigterm)
 
   def agreed(self) -> Now:
-    """The reading the cadence decides from."""
-    return self.read()
+    """Process 0's clocks, and whether any process received SIGTERM: the
+    same reading on every process."""
+    now = self.read()
+    if jax.process_count() == 1:
+      return now
+    rows = multihost_utils.process_allgather(np.asarray(now, np.float32))
+    return Now(float(rows[0, 0]), float(rows[0, 1]), bool(rows[:, 2].any()))
 
 
 class Actions(NamedTuple):
@@ -122,7 +144,8 @@ def _crossed(prev: int, step: int, every: float) -> bool:
 
 
 class Cadence:
-  """The decisions, from the step and a :class:`Now` reading."""
+  """The decisions, from the step and an agreed :class:`Now`: the same on
+  every process when given the same readings."""
 
   def __init__(self, config, steps_per_epoch: float, train_seconds: float):
     self.stop_step = stop_step(config, steps_per_epoch)
@@ -169,7 +192,7 @@ class Cadence:
     return Actions(log, evaluate, save, stop, preempted)
 
   def evaluated(self, train_seconds: float) -> None:
-    """Schedules the next timed evaluation after ``train_seconds`` (a
+    """Schedules the next timed evaluation after ``train_seconds`` (an agreed
     reading of the stopped clock, which an evaluation does not advance)."""
     while self._next_eval <= train_seconds:
       self._next_eval += self._eval_seconds

@@ -22,7 +22,7 @@ Each dispatch runs ``config.steps_per_dispatch`` steps in one jitted program
 (:mod:`experiments.batches`: gathered on the device, or streamed from host
 memory), preprocesses them (:mod:`experiments.preprocess`) and runs the jis
 step. The host fetches values only at logging, evaluation and checkpoint
-steps, which :mod:`experiments.cadence` decides.
+steps, which :mod:`experiments.cadence` decides, the same on every process.
 Only process 0 writes files other than checkpoints.
 """
 
@@ -400,6 +400,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     with clocks:
       if start_step == 0 and config.get("eval_at_start", True):
         last_eval = out.evaluate(evaluator, loop, statistics, 0)
+      # The clock has not started: it reads the checkpoint's seconds. (The
+      # first agreement also compiles its collective, off the clock.)
       done = schedule.done(step, clocks.agreed().train_seconds)
       clocks.train.start()
       while not done:

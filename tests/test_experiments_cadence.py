@@ -1,6 +1,8 @@
 """When the loop logs, evaluates, saves and stops (experiments/cadence.py).
 
-The decisions are a pure function of the step and a clock reading.
+The decisions are a pure function of the step and an agreed clock reading,
+so every process that gets the same reading decides the same; the two-process
+runs in test_experiments_multihost.py check the agreement end to end.
 """
 
 import os
@@ -86,7 +88,12 @@ def test_budget_is_required():
     cadence.check_budgets(_config())
 
 
-def test_clocks_catch_sigterm():
+def test_clocks_catch_sigterm_and_one_process_agrees_without_collectives(
+    monkeypatch):
+  def no_collective(*args, **kwargs):
+    raise AssertionError("a one-process run must not gather")
+  monkeypatch.setattr(cadence.multihost_utils, "process_allgather",
+                      no_collective)
   previous = signal.getsignal(signal.SIGTERM)
   with cadence.Clocks(train_seconds=3.0) as clocks:
     now = clocks.agreed()

@@ -4,12 +4,15 @@ Each run launches ``python -m experiments.main`` twice with
 ``--coordinator_address/--num_processes/--process_id``, two CPU devices per
 process, so ``jax.distributed`` joins them into one 4-device mesh. The
 result must match one process on one device (global resampling is the
-single-device algorithm), and a checkpoint written by either process count
-must resume on the other and end where the uninterrupted run ends.
+single-device algorithm), a checkpoint written by either process count
+must resume on the other and end where the uninterrupted run ends, and
+time budgets and a SIGTERM to one process must stop both together.
 """
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from experiments import checkpoints
@@ -184,3 +188,74 @@ def test_one_process_checkpoint_resumes_on_two(fake_data, tmp_path):
   assert final_eval(split)["eval/test_loss"] == pytest.approx(
       final_eval(str(tmp_path / "whole"))["eval/test_loss"], rel=1e-5)
 
+
+def _restore_flat(workdir: str, step: int) -> dict:
+  """The arrays of ``workdir``'s checkpoint ``step`` by saved name, on one
+  device (whatever devices saved them)."""
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step),
+                      "state")
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = {name: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+            for name, m in checkpointer.metadata(path).item_metadata.items()}
+  return {k: np.asarray(v) for k, v in checkpointer.restore(path, target).items()}
+
+
+def _has_trained(workdir: str) -> bool:
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return any('"train/loss"' in l for l in f if l.endswith("}\n"))
+  except OSError:
+    return False
+
+
+def test_time_cadences_and_sigterm_to_one_process_are_agreed(fake_data,
+                                                             tmp_path):
+  """Each process has its own clock and receives its own signals; the loop
+  agrees on the time budget, time cadences and SIGTERM before any
+  collective. With evaluations and checkpoints every few tenths of a second
+  and a SIGTERM to process 1 alone, both processes save the same step and
+  exit 0 (no hang); the same command resumes and both stop at the time
+  budget, bit for bit where an uninterrupted run of as many steps ends."""
+  timed = tiny_config(fake_data, num_steps=0, train_seconds=1.5,
+                      eval_every_seconds=0.2, checkpoint_every_seconds=0.4,
+                      log_every_steps=4)
+  workdir = str(tmp_path / "timed")
+  procs = start_two_processes(timed, workdir, "preempted")
+  deadline = time.monotonic() + TIMEOUT_S
+  # Once both train (process 0 logged a step), SIGTERM to process 1 alone.
+  while not _has_trained(workdir) and time.monotonic() < deadline:
+    if any(p.poll() is not None for p in procs):
+      break
+    time.sleep(0.01)
+  procs[1].send_signal(signal.SIGTERM)
+  logs = finish(procs, deadline)
+  preempted = [re.findall(r"Preempted at step (\d+)", text) for text in logs]
+  assert len(preempted[0]) == 1 and preempted[0] == preempted[1], [
+      text[-3000:] for text in logs]
+  step = int(preempted[0][0])
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 2)
+  assert ckpt.latest_step() == step   # saved by both together
+  ckpt.close()
+
+  # The same command resumes; both processes stop at the time budget, after
+  # timed evaluations and checkpoints on the way.
+  logs = launch_two_processes(timed, workdir, "resumed")
+  assert all(f"at step {step} " in text for text in logs)
+  records = metric_writer.read_metrics(workdir)
+  end = records[-1]["step"]
+  assert end > step and records[-1]["train_seconds"] >= 1.5
+  assert any(step < r["step"] < end for r in records if "eval/test_loss" in r)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 2)
+  assert ckpt.latest_step() == end
+  assert any(step < s < end for s in ckpt.all_steps()), ckpt.all_steps()
+  ckpt.close()
+
+  # Resumed bit for bit: an uninterrupted run of as many steps ends in the
+  # same checkpoint.
+  whole = str(tmp_path / "whole")
+  launch_two_processes(tiny_config(fake_data, num_steps=end), whole)
+  resumed, expected = _restore_flat(workdir, end), _restore_flat(whole, end)
+  assert sorted(resumed) == sorted(expected)
+  for name in expected:
+    np.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)
