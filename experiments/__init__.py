@@ -5,5 +5,5 @@ experiments/configs/mnist_mlp.py --workdir runs/mnist_mlp`` and compare runs
 with ``python -m experiments.compare runs/a runs/b --out cmp.png``; see
 docs/experiments.md. Nothing under ``jis/`` imports this package, so its
 dependencies (tensorflow-datasets, ml_collections, absl, orbax, tqdm,
-matplotlib, clu) stay optional: ``pip install -e ".[experiments]"``.
+matplotlib) stay optional: ``pip install -e ".[experiments]"``.
 """

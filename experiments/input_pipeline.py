@@ -455,6 +455,21 @@ def load(cfg) -> Dataset:
                  num_classes=spec.num_classes, source=where, info=info)
 
 
+def check_labels(dataset: Dataset) -> None:
+  """Integer labels outside [0, num_classes) make softmax cross-entropy
+  read past the logits (NaN losses, or silently wrong scores); the data is on
+  the host here, so check it once instead of on every step."""
+  for split in ("train", "test"):
+    labels = np.asarray(getattr(dataset, split)["label"])
+    if labels.size and (labels.min() < 0 or
+                        labels.max() >= dataset.num_classes):
+      raise ValueError(
+          f"dataset {dataset.name!r}: {split} labels span [{labels.min()}, "
+          f"{labels.max()}] but the model has {dataset.num_classes} classes; "
+          "labels must lie in [0, num_classes). Check the data files under "
+          "--config.dataset.data_dir.")
+
+
 # ----------------------------------------------------------------------------
 # Deterministic order and host-side streaming
 # ----------------------------------------------------------------------------

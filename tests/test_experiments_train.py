@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import checkpoints
+from experiments import metric_writer
 from experiments import train
 from experiments_testing import tiny_config
 
@@ -41,11 +43,11 @@ def test_resume_reproduces_the_uninterrupted_run(fake_data, tmp_path):
       np.asarray(jax.tree.leaves(first.state.inner.params)[0]),
       np.asarray(jax.tree.leaves(resumed.state.inner.params)[0]))
   # The resumed log holds each step once, and the same final evaluation.
-  records = train.read_metrics(str(tmp_path / "split"))
+  records = metric_writer.read_metrics(str(tmp_path / "split"))
   train_steps = [r["step"] for r in records if "train/loss" in r]
   assert train_steps == sorted(set(train_steps))
   final = [r for r in records if "eval/test_loss" in r][-1]
-  expected = [r for r in train.read_metrics(str(tmp_path / "whole"))
+  expected = [r for r in metric_writer.read_metrics(str(tmp_path / "whole"))
               if "eval/test_loss" in r][-1]
   assert final["step"] == expected["step"] == 9
   assert final["eval/test_loss"] == expected["eval/test_loss"]
@@ -53,13 +55,13 @@ def test_resume_reproduces_the_uninterrupted_run(fake_data, tmp_path):
   again = train.train_and_evaluate(tiny_config(fake_data, num_steps=9),
                                    str(tmp_path / "split"))
   assert again.step == 9
-  assert train.read_metrics(str(tmp_path / "split")) == records
+  assert metric_writer.read_metrics(str(tmp_path / "split")) == records
 
 
 def test_checkpoint_holds_the_data_position(fake_data, tmp_path):
   c = tiny_config(fake_data, num_steps=7)
   result = train.train_and_evaluate(c, str(tmp_path))
-  ckpt = train.Checkpointer(str(tmp_path / "checkpoints"), 2)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), 2)
   template = {"jis": result.state,
               "data": {"epoch": np.int32(0), "offset": np.int32(0)}}
   restored, meta = ckpt.restore(7, template)
@@ -128,7 +130,7 @@ def test_seconds_budget_and_evaluation_off_the_clock(fake_data, tmp_path):
                   eval_every_steps=4, steps_per_dispatch=2),
       str(tmp_path))
   wall = time.perf_counter() - start
-  records = train.read_metrics(str(tmp_path))
+  records = metric_writer.read_metrics(str(tmp_path))
   evals = [r for r in records if "eval/test_loss" in r]
   assert result.step > 0 and result.train_seconds >= 1.0
   assert len(evals) >= 2
@@ -143,7 +145,7 @@ def test_epoch_budget_counts_updates(fake_data, tmp_path):
   result = train.train_and_evaluate(
       tiny_config(fake_data, num_steps=0, num_epochs=0.5), str(tmp_path))
   assert result.step == 10
-  assert train.read_metrics(str(tmp_path))[-1]["epoch"] == 0.5
+  assert metric_writer.read_metrics(str(tmp_path))[-1]["epoch"] == 0.5
 
 
 def test_nan_stops_the_run_loudly(fake_data, tmp_path):
@@ -164,7 +166,7 @@ def test_metrics_are_json_lines_with_config(fake_data, tmp_path):
                                        steps_per_dispatch=2), str(tmp_path))
   with open(os.path.join(tmp_path, "config.json")) as f:
     assert json.load(f)["batch_size"] == 8
-  records = train.read_metrics(str(tmp_path))
+  records = metric_writer.read_metrics(str(tmp_path))
   assert records[0]["step"] == 0 and "eval/train_loss" in records[0]
   assert any("learning_rate" in r for r in records)
 

@@ -113,17 +113,19 @@ def make_config(model: str, method: str, seed: int, data_dir: str,
 
 def run_one(config, workdir: str) -> Dict[str, object]:
   """Trains one run from scratch; returns its evaluation curve."""
+  from experiments import metric_writer  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
   if os.path.exists(workdir):
     shutil.rmtree(workdir)   # a leftover checkpoint would resume
   t0 = time.perf_counter()
   result = train.train_and_evaluate(config, workdir)
   wall = time.perf_counter() - t0
+  records = metric_writer.read_metrics(workdir)
   curve = [{"t": r["train_seconds"], "step": r["step"], "epoch": r["epoch"],
             "train_loss": r["eval/train_loss"],
             "test_error": 1.0 - r["eval/test_accuracy"]}
-           for r in train.read_metrics(workdir) if "eval/train_loss" in r]
-  train_lines = [r for r in train.read_metrics(workdir) if "is/active" in r]
+           for r in records if "eval/train_loss" in r]
+  train_lines = [r for r in records if "is/active" in r]
   shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
   return {"curve": curve, "steps": result.step,
           "train_seconds": result.train_seconds, "wall_seconds": wall,
