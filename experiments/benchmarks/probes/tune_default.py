@@ -31,6 +31,7 @@ import optax
 
 import jis
 from experiments import input_pipeline
+from experiments import preprocess
 from experiments import sampling
 from experiments import train
 
@@ -70,13 +71,15 @@ class Runner:
     model = train.create_model(config, dataset)
     root = jax.random.PRNGKey(seed)
     init_key, jis_key, self.data_key, aug_key = jax.random.split(root, 4)
-    self.preprocess = train.make_preprocess(config, dataset.info["kind"])
-    self.prep = train.preprocess_params(config, dataset)
+    self.preprocess = preprocess.Preprocess.from_config(config.input,
+                                                        dataset.info["kind"])
+    self.prep = self.preprocess.statistics(dataset.train)
     sample = self.preprocess({k: v[:1] for k, v in dataset.train.items()},
                              self.prep, aug_key, False)
     state = train.create_train_state(config, model, sample["input"], init_key)
     cfg = sampling.sampler_kwargs(
-        {k: v for k, v in options.items() if k != "presample"},
+        {k: v for k, v in options.items()
+         if k != "presample" and not k.startswith("_")},
         {"num_examples": self.n})
     presample = options.get("presample", 3.0)
     if cfg.get("score") == "uniform":
@@ -164,6 +167,9 @@ def measure_cost(config, dataset, chunk, repeats=5):
 
 
 def run_method(config, dataset, options, seed, budget, cost, evals, chunk):
+  """``options["_cost"]``, when given, is the method's cost per importance
+  step (a score table's steps cost what uniform steps cost: 1)."""
+  cost = options.get("_cost", cost)
   r = Runner(config, dataset, options, seed, chunk)
   carry = r.start()
   points = [budget * (i + 1) / evals for i in range(evals)]

@@ -1,0 +1,95 @@
+"""InfoBatch (Qin et al., ICLR 2024) as a fixed-shape selection policy.
+
+InfoBatch keeps every example's latest loss, randomly prunes a share of the
+examples whose loss is below the mean, rescales the gradient of the kept
+low-loss ones so that the expected update is unchanged, and trains on the
+full data again for the last part of training. With a score table
+(:func:`jis.stale_scores`) the scores cost no forward pass, so a step costs
+what a uniform step costs.
+"""
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jis import _policies
+from jis import _selective_backprop
+from jis import _validate
+
+Array = jax.Array
+
+
+class PruneState(NamedTuple):
+  """``steps``: int32 count of selections, for the annealing."""
+  steps: Array
+
+
+def keep_probabilities(scores: Array, prune: float) -> Array:
+  """``π_i = 1 − prune`` where ``s_i`` is below the mean of ``scores``, else 1."""
+  s = jnp.asarray(scores, jnp.float32)
+  return jnp.where(s < jnp.mean(s), 1.0 - prune, 1.0)
+
+
+def infobatch(prune: float = 0.5, anneal_step: Optional[int] = None
+              ) -> _policies.Policy:
+  """Prune a share of the well-learned examples, rescale the rest (InfoBatch).
+
+  Of the ``B`` presampled examples, those whose score is below the
+  presample's mean are kept with probability ``1 − prune``, the others
+  always. At a fixed batch size that is: ``b`` of the ``B`` are drawn without
+  replacement, each draw ``∝ π`` among those left (``π = 1 − prune`` below
+  the mean, 1 above; Gumbel top-k), with the priority-sampling weights
+  ``w_i = b / (B q_i)`` of :func:`jis.selective_backprop` (``q_i`` the
+  probability that example ``i`` is drawn). The weighted mean gradient is
+  then an unbiased estimate of the presample's mean gradient, as InfoBatch's
+  rescaling ``1 / (1 − prune)`` is for its epoch; for ``b ≪ B`` the weights
+  of a low-score example are ``1 / (1 − prune)`` times those of a high-score
+  one, InfoBatch's ratio.
+
+  From step ``anneal_step`` on, every example is kept (``π = 1``): a uniform
+  draw without replacement with weight 1, InfoBatch's annealing of the last
+  part of training (it anneals the last 12.5 % of the epochs: pass
+  ``anneal_step = int(0.875 · total_steps)``).
+
+  Args:
+    prune: the share of the below-mean examples dropped, in ``[0, 1)``;
+      InfoBatch's ``r`` (0.5 by default, as in the paper).
+    anneal_step: the step from which nothing is pruned; None never.
+
+  Returns:
+    A :class:`jis.Policy`; its ``probs`` are ``π / Σ π``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import jis
+    >>> policy = jis.infobatch(prune=0.5)
+    >>> sel = policy.select(jax.random.key(0), jnp.array([0.1, 0.2, 2.0, 3.0]),
+    ...                     policy.init(4, 2), 2)
+    >>> sel.probs.tolist()   # the two below the mean are kept half as often
+    [0.1666..., 0.1666..., 0.3333..., 0.3333...]
+  """
+  prune = _validate.number("infobatch(prune)", prune, 0, 1, high_open=True,
+                           hint="It is the share of the below-mean examples "
+                                "dropped (InfoBatch's r; the paper uses 0.5).")
+  if anneal_step is not None:
+    anneal_step = _validate.number("infobatch(anneal_step)", anneal_step, 0,
+                                   integer=True)
+
+  def init(presample_size, batch_size):
+    return PruneState(jnp.zeros((), jnp.int32))
+
+  def select(key, scores, state, batch_size):
+    keep = keep_probabilities(scores, prune)
+    if anneal_step is not None:
+      keep = jnp.where(state.steps >= anneal_step, jnp.ones_like(keep), keep)
+    log_keep = jnp.log(keep)
+    indices, threshold = _selective_backprop.gumbel_top_k(key, log_keep,
+                                                          batch_size)
+    weights = _selective_backprop.priority_weights(log_keep, indices, threshold)
+    # Nothing pruned (annealing, or equal scores): a uniform draw without
+    # replacement, whose exact weights are 1.
+    weights = jnp.where(jnp.all(keep == 1.0), jnp.ones_like(weights), weights)
+    return _policies.Selection(indices, weights, keep / jnp.sum(keep),
+                               PruneState(state.steps + 1))
+  return _policies.Policy(init, select)
