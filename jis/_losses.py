@@ -4,16 +4,24 @@ The "upper bound" importance score of Katharopoulos & Fleuret (2018) is the norm
 of the gradient of the loss with respect to the network's output (its logits).
 For the standard losses it has a closed form that costs one elementwise pass over
 the logits; for a user's own loss it is one vjp over the whole batch.
+
+Logits may be one array or a pytree of them (a multi-head model): every leaf's
+leading axis is the batch. The built-in losses apply per head (one name for
+every head, or a pytree of names shaped like the logits) and sum; the norm is
+that of the gradient w.r.t. all heads together. They also take a ``mask`` of
+positions (a sequence model's padding): each position's loss, and its
+gradient, are multiplied by it.
 """
 
-from typing import Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
 Array = jax.Array
-LossFn = Callable[[Array, Array], Array]
+PyTree = Any
+LossFn = Callable[..., Array]
 
 
 class Loss(NamedTuple):
@@ -21,12 +29,16 @@ class Loss(NamedTuple):
 
   Attributes:
     name: how the loss is referred to in error messages.
-    per_example: ``(logits [B, ...], labels) -> [B]``.
-    grad_norm: ``(logits [B, ...], labels) -> [B]``, ``‖∂ per_example / ∂ logits‖₂``.
+    per_example: ``(logits, labels, mask=None) -> [n]``.
+    grad_norm: ``(logits, labels, mask=None) -> [n]``,
+      ``‖∂ per_example / ∂ logits‖₂`` over every logit of an example.
+    takes_mask: whether ``mask`` is applied (the built-in losses); a custom
+      loss applies its own.
   """
   name: str
   per_example: LossFn
   grad_norm: LossFn
+  takes_mask: bool = True
 
 
 def _as_float(logits: Array) -> Array:
@@ -69,29 +81,56 @@ def _softmax_targets(logits: Array, labels: Array) -> Array:
       f"got labels of shape {labels.shape} for logits of shape {logits.shape}.")
 
 
-def _softmax_ce(logits, labels):
+def _mask_like(name: str, mask: Optional[Array], positions: tuple,
+               ndim: int) -> Optional[Array]:
+  """``mask`` over ``positions`` (the loss's per-position shape), with
+  trailing axes added up to ``ndim``; None when there is no mask."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.shape != positions[:mask.ndim] or mask.ndim < 1:
+    raise ValueError(
+        f"loss={name!r}: the mask must have the shape of the loss's positions "
+        f"{positions} or a prefix of it (e.g. [n, T] for a sequence); got "
+        f"{mask.shape}.")
+  return mask.astype(jnp.float32).reshape(mask.shape + (1,) * (ndim - mask.ndim))
+
+
+def _masked(values: Array, mask: Optional[Array]) -> Array:
+  return values if mask is None else values * mask
+
+
+def _softmax_ce(logits, labels, mask=None):
   logits = _as_float(logits)
   targets = _softmax_targets(logits, labels)
-  return _row_sum(optax.softmax_cross_entropy(logits, targets))
+  m = _mask_like("softmax_cross_entropy", mask, logits.shape[:-1],
+                 logits.ndim - 1)
+  return _row_sum(_masked(optax.softmax_cross_entropy(logits, targets), m))
 
 
-def _softmax_ce_norm(logits, labels):
+def _softmax_ce_norm(logits, labels, mask=None):
   logits = _as_float(logits)
   targets = _softmax_targets(logits, labels)
-  return _row_norm(jax.nn.softmax(logits) - targets)
+  m = _mask_like("softmax_cross_entropy", mask, logits.shape[:-1], logits.ndim)
+  return _row_norm(_masked(jax.nn.softmax(logits) - targets, m))
 
 
-def _sigmoid_bce(logits, labels):
+def _sigmoid_bce(logits, labels, mask=None):
   _check_same_shape("sigmoid_binary_cross_entropy", logits, labels)
   logits = _as_float(logits)
-  return _row_sum(
-      optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)))
+  m = _mask_like("sigmoid_binary_cross_entropy", mask, logits.shape,
+                 logits.ndim)
+  return _row_sum(_masked(optax.sigmoid_binary_cross_entropy(
+      logits, labels.astype(logits.dtype)), m))
 
 
-def _sigmoid_bce_norm(logits, labels):
+def _sigmoid_bce_norm(logits, labels, mask=None):
   _check_same_shape("sigmoid_binary_cross_entropy", logits, labels)
   logits = _as_float(logits)
-  return _row_norm(jax.nn.sigmoid(logits) - labels.astype(logits.dtype))
+  m = _mask_like("sigmoid_binary_cross_entropy", mask, logits.shape,
+                 logits.ndim)
+  return _row_norm(_masked(jax.nn.sigmoid(logits) - labels.astype(logits.dtype),
+                           m))
 
 
 def _outputs_per_example(logits: Array) -> int:
@@ -101,18 +140,20 @@ def _outputs_per_example(logits: Array) -> int:
   return size
 
 
-def _mse(logits, labels):
+def _mse(logits, labels, mask=None):
   _check_same_shape("mean_squared_error", logits, labels)
   logits = _as_float(logits)
+  m = _mask_like("mean_squared_error", mask, logits.shape, logits.ndim)
   err = logits - labels.astype(logits.dtype)
-  return _row_sum(jnp.square(err)) / _outputs_per_example(logits)
+  return _row_sum(_masked(jnp.square(err), m)) / _outputs_per_example(logits)
 
 
-def _mse_norm(logits, labels):
+def _mse_norm(logits, labels, mask=None):
   _check_same_shape("mean_squared_error", logits, labels)
   logits = _as_float(logits)
+  m = _mask_like("mean_squared_error", mask, logits.shape, logits.ndim)
   err = logits - labels.astype(logits.dtype)
-  return 2.0 / _outputs_per_example(logits) * _row_norm(err)
+  return 2.0 / _outputs_per_example(logits) * _row_norm(_masked(err, m))
 
 
 LOSSES = {
@@ -124,21 +165,76 @@ LOSSES = {
 }
 
 
+def _is_array(x) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
 def _autodiff_norm(per_example: LossFn) -> LossFn:
   """Per-example ‖∂ℓᵢ/∂zᵢ‖ by one vjp of Σᵢ ℓᵢ over the whole batch.
 
-  Each ℓᵢ depends on row i of the logits only, so the gradient of the sum holds
-  every per-example gradient in its rows.
+  Each ℓᵢ depends on row i of the logits (of every head) only, so the
+  gradient of the sum holds every per-example gradient in its rows.
   """
-  def grad_norm(logits, labels):
-    logits = _as_float(logits)
+  def grad_norm(logits, labels, mask=None):
+    del mask   # a custom loss applies its own
+    logits = jax.tree.map(_as_float, logits)
     grads = jax.grad(lambda z: jnp.sum(per_example(z, labels)))(logits)
-    return _row_norm(grads)
+    return jnp.sqrt(sum(jnp.square(_row_norm(g)) for g in jax.tree.leaves(grads)))
   return grad_norm
 
 
-def resolve_loss(loss: Union[str, LossFn, Loss]) -> Loss:
-  """Returns the :class:`Loss` named by ``loss`` (a name or a callable)."""
+def _per_head(name: str, heads: PyTree) -> Loss:
+  """The built-in ``heads`` (a loss per leaf of the logits, or one for
+  all) applied to each head and summed; norms over all heads together."""
+  def split(logits, labels):
+    if _is_array(logits):
+      if not isinstance(heads, Loss):
+        raise ValueError(
+            f"loss={name} names a loss per head, but the logits are one "
+            f"array of shape {logits.shape}; return a pytree of heads from "
+            "logits_fn, or pass one loss name.")
+      return [(heads, logits, labels)]
+    leaves, tree = jax.tree.flatten(logits)
+    try:
+      label_leaves = tree.flatten_up_to(labels)
+      head_losses = ([heads] * len(leaves) if isinstance(heads, Loss)
+                     else tree.flatten_up_to(heads))
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          f"loss={name}: the logits are a pytree of heads {tree}; the labels "
+          "(and a per-head loss) must be pytrees of the same structure, one "
+          f"leaf per head (labels=lambda batch: {{...}}). ({e})") from None
+    return list(zip(head_losses, leaves, label_leaves))
+
+  def per_example(logits, labels, mask=None):
+    return sum(h.per_example(z, y, mask) for h, z, y in split(logits, labels))
+
+  def grad_norm(logits, labels, mask=None):
+    squares = [jnp.square(h.grad_norm(z, y, mask))
+               for h, z, y in split(logits, labels)]
+    return jnp.sqrt(sum(squares))
+  return Loss(name, per_example, grad_norm)
+
+
+def _custom(loss: Callable) -> Loss:
+  def per_example(logits, labels, mask=None):
+    del mask
+    n = jax.tree.leaves(logits)[0].shape[:1]
+    values = loss(logits, labels)
+    if getattr(values, "shape", None) != n:
+      raise ValueError(
+          f"The loss callable {getattr(loss, '__name__', loss)!r} must return "
+          f"one loss per example, shape {n}; it returned shape "
+          f"{getattr(values, 'shape', type(values).__name__)}. Reduce over "
+          "every axis but the first.")
+    return values
+  name = getattr(loss, "__name__", type(loss).__name__)
+  return Loss(name, per_example, _autodiff_norm(per_example), takes_mask=False)
+
+
+def resolve_loss(loss: Union[str, LossFn, Loss, PyTree]) -> Loss:
+  """Returns the :class:`Loss` named by ``loss``: a name, a pytree of names
+  (one per head of the logits), a callable, or a :class:`Loss`."""
   if isinstance(loss, Loss):
     return loss
   if isinstance(loss, str):
@@ -146,25 +242,28 @@ def resolve_loss(loss: Union[str, LossFn, Loss]) -> Loss:
       raise ValueError(
           f"Unknown loss={loss!r}. Use one of {sorted(LOSSES)} or pass a "
           "callable loss(logits, labels) -> [B] per-example losses.")
-    return LOSSES[loss]
+    return _per_head(loss, LOSSES[loss])
   if callable(loss):
-    def per_example(logits, labels):
-      values = loss(logits, labels)
-      if values.shape != logits.shape[:1]:
-        raise ValueError(
-            f"The loss callable {getattr(loss, '__name__', loss)!r} must return "
-            f"one loss per example, shape {logits.shape[:1]}; it returned shape "
-            f"{values.shape}. Reduce over every axis but the first.")
-      return values
-    name = getattr(loss, "__name__", type(loss).__name__)
-    return Loss(name, per_example, _autodiff_norm(per_example))
+    return _custom(loss)
+  if isinstance(loss, (dict, list, tuple)):
+    names = jax.tree.leaves(loss)
+    if not names or not all(isinstance(n, str) for n in names):
+      raise TypeError(
+          "loss as a pytree must hold one loss name per head of the logits, "
+          f"e.g. {{'a': 'softmax_cross_entropy', 'b': 'mean_squared_error'}}; "
+          f"got {loss!r}.")
+    for n in names:
+      resolve_loss(n)   # an unknown name is refused here
+    return _per_head(repr(loss), jax.tree.map(lambda n: LOSSES[n], loss))
   raise TypeError(
-      f"loss must be a name ({sorted(LOSSES)}) or a callable "
-      f"loss(logits, labels) -> [B]; got {type(loss).__name__}.")
+      f"loss must be a name ({sorted(LOSSES)}), a pytree of names (one per "
+      "head), or a callable loss(logits, labels) -> [B]; got "
+      f"{type(loss).__name__}.")
 
 
-def logit_grad_norm(logits: Array, labels: Array,
-                    loss: Union[str, LossFn] = "softmax_cross_entropy") -> Array:
+def logit_grad_norm(logits: PyTree, labels: PyTree,
+                    loss: Union[str, LossFn, PyTree] = "softmax_cross_entropy",
+                    mask: Optional[Array] = None) -> Array:
   """Per-example norm of the loss gradient w.r.t. the logits.
 
   This is the upper bound of the full parameter-gradient norm that
@@ -179,12 +278,18 @@ def logit_grad_norm(logits: Array, labels: Array,
   - a callable ``loss(logits, labels) -> [B]``: the norm of its gradient,
     taken by autodiff in one vjp over the batch.
 
+  Pytree logits (several heads) give the norm over all heads together, with
+  a loss name for every head or a pytree of names shaped like the logits. A
+  ``mask`` multiplies each position's loss (a sequence's padding: logits
+  ``[B, T, C]``, labels ``[B, T]``, mask ``[B, T]``).
+
   Computation is in float32 at least, whatever the logits' dtype.
 
   Args:
-    logits: ``[B, ...]`` model outputs.
-    labels: targets, as the loss expects them.
-    loss: a loss name or callable.
+    logits: ``[B, ...]`` model outputs, or a pytree of them.
+    labels: targets, as the loss expects them (a pytree like the logits).
+    loss: a loss name, a pytree of names, or a callable.
+    mask: positions to count (built-in losses), or None for all.
 
   Returns:
     ``[B]`` float32 norms.
@@ -196,4 +301,8 @@ def logit_grad_norm(logits: Array, labels: Array,
     >>> jis.logit_grad_norm(logits, jnp.array([0, 0])).round(3)
     Array([0.707, 0.   ], dtype=float32)
   """
-  return resolve_loss(loss).grad_norm(logits, labels)
+  resolved = resolve_loss(loss)
+  if mask is not None and not resolved.takes_mask:
+    raise ValueError("mask= applies to the built-in losses; a custom "
+                     "loss(logits, labels) applies its own mask.")
+  return resolved.grad_norm(logits, labels, mask)

@@ -37,6 +37,7 @@ class Plan(NamedTuple):
     loss: the per-example loss and its logit-gradient norm.
     score: the importance score.
     labels: ``batch -> labels``.
+    mask: ``batch -> mask`` of the loss's positions, or None.
     policy: how ``b`` rows are drawn from the scores.
     condition: when a step resamples.
     transforms: score transforms, applied in order.
@@ -55,6 +56,7 @@ class Plan(NamedTuple):
   loss: _losses.Loss
   score: _scores.Score
   labels: Callable[[PyTree], Any]
+  mask: Optional[Callable[[PyTree], Any]]
   policy: _policies.Policy
   condition: _conditions.Condition
   transforms: Tuple[_transforms.ScoreTransform, ...]
@@ -67,25 +69,42 @@ class Plan(NamedTuple):
   diagnostics: bool
 
 
-def labels_getter(labels) -> Callable[[PyTree], Any]:
-  """``batch -> labels`` from a batch key or a callable."""
-  if callable(labels):
-    return labels
-  if not isinstance(labels, (str, int)):
+def batch_getter(option: str, what: str, key) -> Callable[[PyTree], Any]:
+  """``batch -> batch[key]`` (with an error naming ``option`` and the batch's
+  keys when it is missing), or ``key`` itself when it is a callable."""
+  if callable(key):
+    return key
+  if not isinstance(key, (str, int)):
     raise TypeError(
-        f"labels must be a batch key or a callable batch -> labels; got "
-        f"{type(labels).__name__}.")
+        f"{option} must be a batch key or a callable batch -> {what}; got "
+        f"{type(key).__name__}.")
 
   def get(batch):
     try:
-      return batch[labels]
+      return batch[key]
     except (KeyError, IndexError, TypeError):
       keys = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
       raise ValueError(
-          f"labels={labels!r} but the batch has no such entry (it has {keys}). "
-          "Pass labels=<the key holding the targets>, or a callable "
-          "labels=lambda batch: ...") from None
+          f"{option}={key!r} but the batch has no such entry (it has {keys}). "
+          f"Pass {option}=<the key holding the {what}>, or a callable "
+          f"{option}=lambda batch: ...") from None
   return get
+
+
+def labels_getter(labels) -> Callable[[PyTree], Any]:
+  """``batch -> labels`` from a batch key or a callable."""
+  return batch_getter("labels", "targets", labels)
+
+
+def _mask_getter(mask, loss: _losses.Loss):
+  if mask is None:
+    return None
+  if not loss.takes_mask:
+    raise ValueError(
+        f"mask= applies to the built-in losses; the custom loss {loss.name!r} "
+        "applies its own (hand it the mask with the labels, e.g. labels="
+        "lambda batch: (batch['y'], batch['mask'])).")
+  return batch_getter("mask", "mask", mask)
 
 
 def _deprecated(option: str, instead: str) -> None:
@@ -178,7 +197,8 @@ def _static_active(condition, score, threshold) -> Optional[bool]:
   return condition.constant
 
 
-def make(train_step, logits_fn, *, batch_size, presample, loss, labels, score,
+def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
+         score,
          tau_threshold, tau_momentum, k, smooth, adaptive_smooth,
          score_transforms, policy, condition, score_table, budget,
          forward_batch_size, mesh, data_axis, resample, diagnostics) -> Plan:
@@ -190,7 +210,8 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, score,
   big_b = int(round(presample * b))
   _validate.accepts(train_step, "train_step", ("state", "batch", "weights"))
   loss_ = _losses.resolve_loss(loss)
-  score_ = _scores.resolve_score(score, loss_)
+  mask_fn = _mask_getter(mask, loss_)
+  score_ = _scores.resolve_score(score, loss_, mask_fn)
   if logits_fn is None and score_.needs_logits:
     raise ValueError(
         f"score={score_.name!r} needs the model's logits, so logits_fn is "
@@ -202,8 +223,6 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, score,
                        "jis.ScoreTable (jis.stale_scores(N))")
   placement = _placement.make(mesh, data_axis, resample, big_b, b,
                               forward_batch_size)
-  if score_table is not None and placement.layout.mesh is not None:
-    raise ValueError("score_table runs on one device for now: pass mesh=None.")
   buckets = None
   if budget is not None:
     if score_table is not None:
@@ -215,7 +234,7 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, score,
                                     score_table, big_b, b)
   return Plan(
       batch_size=b, presample_size=big_b, loss=loss_, score=score_,
-      labels=labels_getter(labels), policy=_policy(policy, k),
+      labels=labels_getter(labels), mask=mask_fn, policy=_policy(policy, k),
       condition=condition,
       transforms=_transforms_of(score_transforms, smooth, adaptive_smooth),
       table=score_table, buckets=buckets, budget=budget, placement=placement,

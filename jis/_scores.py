@@ -30,19 +30,27 @@ class Score(NamedTuple):
   per_parameter: bool = False
 
 
-def upper_bound(loss: _losses.Loss) -> Score:
+MaskFn = Optional[Callable[[Any], Array]]
+
+
+def _mask(mask_fn: MaskFn, batch):
+  return None if mask_fn is None else mask_fn(batch)
+
+
+def upper_bound(loss: _losses.Loss, mask_fn: MaskFn = None) -> Score:
   """``‖∂loss/∂logits‖₂`` per example (Katharopoulos & Fleuret 2018)."""
-  return Score("upper_bound",
-               lambda logits, labels, batch: loss.grad_norm(logits, labels))
+  return Score("upper_bound", lambda logits, labels, batch: loss.grad_norm(
+      logits, labels, _mask(mask_fn, batch)))
 
 
-def loss_score(loss: _losses.Loss) -> Score:
+def loss_score(loss: _losses.Loss, mask_fn: MaskFn = None) -> Score:
   """The per-example loss (Loshchilov & Hutter 2015; the 2017 biased paper)."""
-  return Score("loss",
-               lambda logits, labels, batch: loss.per_example(logits, labels))
+  return Score("loss", lambda logits, labels, batch: loss.per_example(
+      logits, labels, _mask(mask_fn, batch)))
 
 
-def reducible_loss(loss: _losses.Loss, key: str = "irreducible_loss") -> Score:
+def reducible_loss(loss: _losses.Loss, key: str = "irreducible_loss",
+                   mask_fn: MaskFn = None) -> Score:
   """RHO-LOSS (Mindermann et al. 2022): loss minus ``batch[key]``.
 
   ``batch[key]`` holds, per example, the loss of a model trained on held-out
@@ -56,11 +64,13 @@ def reducible_loss(loss: _losses.Loss, key: str = "irreducible_loss") -> Score:
           " but the batch has no such key. Precompute it with a model trained "
           "on held-out data and add it to every batch.")
     irreducible = jnp.asarray(batch[key], jnp.float32)
-    if irreducible.shape != logits.shape[:1]:
+    n = jax.tree.leaves(logits)[0].shape[:1]
+    if irreducible.shape != n:
       raise ValueError(
           f"batch[{key!r}] must hold one value per example, shape "
-          f"{logits.shape[:1]}; got {irreducible.shape}.")
-    return jnp.maximum(loss.per_example(logits, labels) - irreducible, 0.0)
+          f"{n}; got {irreducible.shape}.")
+    per_example = loss.per_example(logits, labels, _mask(mask_fn, batch))
+    return jnp.maximum(per_example - irreducible, 0.0)
   return Score("reducible_loss", fn)
 
 
@@ -80,17 +90,18 @@ def gradient_norm() -> Score:
 SCORES = ("upper_bound", "loss", "gradient_norm", "reducible_loss", "uniform")
 
 
-def resolve_score(score: Union[str, Score, ScoreFn],
-                  loss: _losses.Loss) -> Score:
-  """Returns the :class:`Score` named by ``score``."""
+def resolve_score(score: Union[str, Score, ScoreFn], loss: _losses.Loss,
+                  mask_fn: MaskFn = None) -> Score:
+  """Returns the :class:`Score` named by ``score``; the built-in ones apply
+  ``mask_fn(batch)`` to the loss's positions."""
   if isinstance(score, Score):
     return score
   if isinstance(score, str):
     makers = {
-        "upper_bound": lambda: upper_bound(loss),
-        "loss": lambda: loss_score(loss),
+        "upper_bound": lambda: upper_bound(loss, mask_fn),
+        "loss": lambda: loss_score(loss, mask_fn),
         "gradient_norm": gradient_norm,
-        "reducible_loss": lambda: reducible_loss(loss),
+        "reducible_loss": lambda: reducible_loss(loss, mask_fn=mask_fn),
         "uniform": uniform_score,
     }
     if score not in makers:
@@ -106,7 +117,7 @@ def resolve_score(score: Union[str, Score, ScoreFn],
 
 
 def per_parameter_grad_norm(logits_fn, loss: _losses.Loss, labels_fn,
-                            state, batch) -> Array:
+                            state, batch, mask_fn: MaskFn = None) -> Array:
   """``‖∇_θ ℓ(f(xᵢ; θ), yᵢ)‖₂`` for every example, by a vmapped gradient.
 
   ``state`` must be a flax ``TrainState``-like pytree with ``.params`` and
@@ -122,7 +133,7 @@ def per_parameter_grad_norm(logits_fn, loss: _losses.Loss, labels_fn,
   def example_loss(params, example):
     one = jax.tree.map(lambda x: x[None], example)
     logits = logits_fn(state.replace(params=params), one)
-    return jnp.sum(loss.per_example(logits, labels_fn(one)))
+    return jnp.sum(loss.per_example(logits, labels_fn(one), _mask(mask_fn, one)))
 
   grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0))(
       state.params, batch)

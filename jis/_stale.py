@@ -213,14 +213,17 @@ def check_index(table: ScoreTable, index: Array, expected: int) -> None:
 
 
 def presample_scores(table: ScoreTable, state: TableState, batch: PyTree,
-                     step: Array, score_presample: Callable[[], Array]):
+                     step: Array, score_presample: Callable[[], Array],
+                     replicate: Callable[[Array], Array] = lambda x: x):
   """The presample's scores: looked up, or computed on the fresh steps.
 
   Returns ``(scores [B], table state, fresh, metrics)``; ``fresh`` is a bool
   array, True on the steps that scored the presample with a forward pass and
-  wrote all ``B`` scores to the table.
+  wrote all ``B`` scores to the table. ``replicate`` gathers a presample
+  split over a mesh, so that every device reads and writes the whole
+  (replicated) table alike.
   """
-  index = table.index(batch)
+  index = replicate(table.index(batch))
   size = state.scores.shape[0]
   bad = _indexed.out_of_range(index, size)
 
@@ -241,7 +244,7 @@ def presample_scores(table: ScoreTable, state: TableState, batch: PyTree,
     scores = score_presample()
     metrics = {**uniform_metrics(), "is/fresh": jnp.ones((), jnp.float32),
                "is/bad_index": bad}
-    return scores, table.write(state, index, scores, step), metrics
+    return scores, table.write(state, index, replicate(scores), step), metrics
 
   if table.fresh is None:
     scores, state, metrics = stale()

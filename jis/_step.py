@@ -156,21 +156,31 @@ def _diagnostics(positions: Array, probs: Array) -> dict:
   return {"is/selected_fraction_unique": unique, "is/entropy": entropy}
 
 
+def _check_leading(what: str, tree, n: int) -> None:
+  """Every leaf of ``tree`` (logits, one array or a pytree of heads) must
+  have leading dimension ``n``."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  bad = {jax.tree_util.keystr(p) or "": np.shape(x) for p, x in leaves
+         if np.shape(x)[:1] != (n,)}
+  if bad or not leaves:
+    raise ValueError(
+        f"{what} for {n} examples have shapes {bad or 'none'}; the first axis "
+        f"of every array (every head of a multi-output model) must be the "
+        f"batch ({n}).")
+
+
 def _scores_of(plan, model, inner, batch, logits=None) -> Array:
   """One score per example of ``batch`` (arrays), from ``logits`` if given."""
   n = jax.tree.leaves(batch)[0].shape[0]
   score = plan.score
   if score.per_parameter:
     s = _scores.per_parameter_grad_norm(model.logits_fn, plan.loss, plan.labels,
-                                        inner, batch)
+                                        inner, batch, plan.mask)
   else:
     if score.needs_logits and logits is None:
       logits = model.logits_fn(inner, batch)
+      _check_leading("logits_fn's logits", logits, n)
     labels = plan.labels(batch) if score.needs_labels else None
-    if score.needs_logits and labels is not None and np.shape(logits)[:1] != (n,):
-      raise ValueError(
-          f"logits_fn returned logits of shape {np.shape(logits)} for {n} "
-          f"examples; the first axis must be the batch ({n}).")
     s = score.fn(logits, labels, batch)
   if np.shape(s) != (n,):
     raise ValueError(f"score={score.name!r} returned shape {np.shape(s)}; "
@@ -216,9 +226,8 @@ def _check_train_step_output(inner, out, n: int):
           "shape and dtype so the step compiles once (create the state with "
           "sampler.init, which turns Python numbers into arrays).")
   if logits is not None:
-    if np.shape(logits)[:1] != (n,):
-      raise ValueError(f"metrics[{LOGITS_KEY!r}] must hold the logits of the "
-                       f"{n} trained examples; got shape {np.shape(logits)}.")
+    _check_leading(f"metrics[{LOGITS_KEY!r}], the logits of the trained "
+                   "examples,", logits, n)
     logits = jax.lax.stop_gradient(logits)
   return new_inner, metrics, logits
 
@@ -243,7 +252,8 @@ def _choose_importance(plan, model, state, batch, key, own, n_scored, n_train):
     raw, table, fresh = score_pool(), own.table, jnp.asarray(False)
   else:
     raw, table, fresh, extra = _stale.presample_scores(
-        plan.table, own.table, pool, state.step, score_pool)
+        plan.table, own.table, pool, state.step, score_pool,
+        replicate=lambda x: plan.placement.put(x, None))
   scores, transforms = _transform(plan, raw, own.transforms)
   scores, fallback = _sanitize(scores)
   sel = plan.placement.select(plan.policy, key, scores, own.policy, n_train)
@@ -309,7 +319,10 @@ def _record(plan, choice, static, active, batch, rows, trained, step):
   if trained is None:
     return choice.own
   if table is not None:
-    index = _stale.trained_index(table, batch, rows, choice.positions)
+    # The table is replicated: every device writes all trained examples.
+    index = plan.placement.put(
+        _stale.trained_index(table, batch, rows, choice.positions), None)
+    trained = plan.placement.put(trained, None)
 
   def on_importance(own):
     if table is None:
@@ -467,6 +480,7 @@ def importance_step(
     presample: float = 3.0,
     loss: Union[str, Callable[[Array, Array], Array]] = "softmax_cross_entropy",
     labels: Union[str, int, Callable[[PyTree], Array]] = "label",
+    mask: Union[None, str, Callable[[PyTree], Array]] = None,
     score: Union[str, Callable[..., Array], _scores.Score] = "upper_bound",
     tau_threshold: Optional[float] = None,
     tau_momentum: Optional[float] = None,
@@ -529,8 +543,16 @@ def importance_step(
       ``B = round(presample · b)`` examples.
     loss: ``"softmax_cross_entropy"`` (integer or one-hot/soft labels),
       ``"sigmoid_binary_cross_entropy"``, ``"mean_squared_error"``, or a
-      callable ``loss(logits, labels) -> [n]``; used by the scores.
+      callable ``loss(logits, labels) -> [n]``; used by the scores. With a
+      multi-head model (``logits_fn`` returns a pytree of arrays, each with
+      the batch as its first axis), a name applies to every head, or a
+      pytree of names like the logits gives each head its own; the labels
+      are then a pytree like the logits. A callable takes the pytrees whole.
     labels: the batch key holding the targets, or a callable ``batch -> labels``.
+    mask: for the built-in losses, the batch key (or ``batch -> mask``) of a
+      mask over the loss's positions, e.g. ``[n, T]`` for a sequence model's
+      logits ``[n, T, V]`` and tokens ``[n, T]``: padded positions (0) add
+      nothing to the loss or the score; the closed-form norms stay.
     score: ``"upper_bound"`` (norm of the loss gradient w.r.t. the logits),
       ``"loss"``, ``"gradient_norm"`` (exact per-example parameter-gradient
       norm; a costly reference), ``"reducible_loss"`` (RHO-LOSS, needs
@@ -611,7 +633,8 @@ def importance_step(
   """
   plan = _plan.make(
       train_step, logits_fn, batch_size=batch_size, presample=presample,
-      loss=loss, labels=labels, score=score, tau_threshold=tau_threshold,
+      loss=loss, labels=labels, mask=mask, score=score,
+      tau_threshold=tau_threshold,
       tau_momentum=tau_momentum, k=k, smooth=smooth,
       adaptive_smooth=adaptive_smooth, score_transforms=score_transforms,
       policy=policy, condition=condition, score_table=score_table,
