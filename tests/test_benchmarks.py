@@ -4,9 +4,9 @@ They time nothing worth reading; they check that each script runs end to end
 and writes the JSON that ``report`` turns into docs/benchmarks.md.
 """
 
+import functools
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -109,69 +109,360 @@ def test_peak_memory_without_clear_refs(monkeypatch):
   assert m["peak_delta_bytes"] >= 30 * 2**20   # the 32 MiB array
 
 
-def test_convergence(out_dir, tmp_path):
-  data = experiments_testing.write_fake_data(str(tmp_path / "data"),
-                                             n_train=2100, n_test=600)
-  path = os.path.join(out_dir, "convergence.json")
-  convergence.run(models=("mlp",),
-                  methods=("uniform", "upper_bound", "upper_bound_bf16"),
-                  seeds=1, budget_seconds=0.5, eval_points=2, quick=True,
-                  out=path, workdir=str(tmp_path / "runs"),
-                  data_dir=data or str(tmp_path / "data"),
-                  argv=["convergence.py", "--smoke"])
-  r = _read(path)
-  _check_header(r)
-  entry = r["models"]["mlp"]
-  assert entry["budget_seconds"] == 0.5
-  methods = entry["summary"]["methods"]
-  assert set(methods) == {"uniform", "upper_bound", "upper_bound_bf16"}
-  for m in methods.values():
-    assert [p["fraction"] for p in m["points"]] == [0.5, 1.0]
-    assert m["points"][-1]["train_loss"]["median"] > 0
-  assert {"train_loss_ratio", "time_met"} <= set(entry["targets"])
-  assert entry["targets"]["method"] == "upper_bound"
-  assert entry["targets_bf16"]["method"] == "upper_bound_bf16"
-  ub = methods["upper_bound_bf16"]["points"][-1]["train_loss"]["median"]
-  assert entry["targets_bf16"]["train_loss_ratio"] == pytest.approx(
-      ub / methods["uniform"]["points"][-1]["train_loss"]["median"])
+# ----------------------------------------------------------------------------
+# Convergence: the summaries, against hand-computed curves
+# ----------------------------------------------------------------------------
+
+def _curve(ts, losses, accs=None, epochs=None):
+  accs = accs or [0.5] * len(ts)
+  epochs = epochs or ts
+  return [{"t": t, "step": 10 * i, "epoch": e, "train_loss": l,
+           "train_accuracy": a, "test_loss": l, "test_accuracy": a}
+          for i, (t, l, a, e) in enumerate(zip(ts, losses, accs, epochs))]
+
+
+def test_time_to_reach_a_loss_and_an_accuracy():
+  c = _curve([0, 10, 20], [1.0, 0.1, 0.01], [0.1, 0.5, 0.9])
+  assert convergence.time_to_reach(c, 0.1) == 10
+  # Between evaluations: log-linear for a loss, linear for an accuracy.
+  assert convergence.time_to_reach(c, 10**-1.5) == pytest.approx(15)
+  assert convergence.time_to_reach(c, 2.0) == 0      # met at the start
+  assert convergence.time_to_reach(c, 0.001) is None
+  assert convergence.time_to_reach(c, 0.7, "test_accuracy") == pytest.approx(15)
+  assert convergence.time_to_reach(c, 0.95, "test_accuracy") is None
+  # The first crossing counts, not a later dip below it.
+  c = _curve([0, 10, 20, 30], [1.0] * 4, [0.1, 0.8, 0.6, 0.9])
+  assert convergence.time_to_reach(c, 0.7, "test_accuracy") == pytest.approx(
+      60 / 7)
+  c = _curve([0, 10, 20], [1.0, 0.1, 0.01])
+  assert convergence.value_at(c, 5, "train_loss", log=True) == pytest.approx(
+      0.1**0.5)
+  assert convergence.value_at(c, 99, "train_loss", log=True) == pytest.approx(
+      0.01)   # past the end: the last evaluation
+
+
+def test_reach_stats_count_a_seed_that_never_reaches_as_never():
+  r = convergence.reach_stats([1.0, None, 3.0], budget=10.0)
+  assert (r["median"], r["fraction"], r["reached"], r["n"]) == (3.0, 0.3, 2, 3)
+  assert (r["min"], r["max"]) == (1.0, 3.0)
+  r = convergence.reach_stats([1.0, None, None], budget=10.0)
+  assert r["median"] is None and r["fraction"] is None and r["reached"] == 1
+  assert convergence.fmt_reach(r) == "never (1/3)"
+
+
+def test_spikes_after_the_first_epoch():
+  c = _curve(ts=[0, 1, 2, 3, 4, 5, 6],
+             losses=[2.0, 0.1, 0.3, 0.2, 0.5, 0.45, 0.9],
+             epochs=[0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+  s = convergence.spikes(c)
+  # 0.1 -> 0.3 starts before epoch 1: not counted. 0.2 -> 0.5 (2.5x) is a
+  # spike; 0.45 -> 0.9 (exactly 2x) is not.
+  assert s["count"] == 1 and s["worst_ratio"] == pytest.approx(2.5)
+  assert s["events"][0]["epoch"] == 2.0
+  assert s["events"][0]["from"] == 0.2 and s["events"][0]["to"] == 0.5
+  s = convergence.spikes(_curve([0, 1], [1.0, 0.5], epochs=[0, 0.5]))
+  assert s == {"count": 0, "worst_ratio": None, "events": []}
+
+
+def test_active_fraction_and_max_weight_from_the_training_lines():
+  # Three dispatches: 10 uniform steps; 10 steps of which one importance step
+  # with max weight 10 (the line's mean: (10 + 9) / 10); 5 importance steps
+  # with max weights averaging 3.
+  lines = {"step": [10, 20, 25], "is/active": [0.0, 0.1, 1.0],
+           "is/max_weight": [1.0, 1.9, 3.0]}
+  s = convergence.train_line_stats(lines)
+  assert s["is_active_fraction"] == pytest.approx(6 / 25)
+  assert s["max_weight_max"] == pytest.approx(10.0)
+  assert s["max_weight_mean"] == pytest.approx((10 + 5 * 3) / 6)
+  assert s["max_weight_line_max"] == 3.0
+  s = convergence.train_line_stats({"step": [10, 20], "is/active": [0.0, 0.0],
+                                    "is/max_weight": [1.0, 1.0]})
+  assert s["is_active_fraction"] == 0.0 and s["max_weight_max"] is None
+
+
+def _method(loss, acc, frac=0.5, spikes=0, worst=1.1):
+  """A method's summary with what the targets read: loss median, accuracy
+  (median, min, max), time fraction to uniform's accuracy, spikes."""
+  med, lo, hi = acc
+  return {"train_loss": {"median": loss},
+          "test_accuracy": {"median": med, "min": lo, "max": hi},
+          "time_to_uniform_final_accuracy": {"fraction": frac},
+          "spikes": {"count": spikes, "worst_ratio": worst}}
+
+
+def test_targets_per_model_and_overall():
+  uniform = _method(0.10, (0.980, 0.975, 0.985))   # seed spread 1 point
+  per_model = {
+      # (a) met: loss lower; accuracy 0.972 >= 0.980 - 0.010. (b) 0.25 <= 0.3.
+      "mnist_mlp": {"uniform": uniform,
+                    "default": _method(0.025, (0.972, 0.970, 0.974), 0.6)},
+      # (a) not met: accuracy 0.969 < 0.970 (beyond seed noise).
+      "mnist_cnn": {"uniform": uniform,
+                    "default": _method(0.05, (0.969, 0.968, 0.970), 0.8)},
+      # (a) not met: loss higher. (c) met. (d) one spike.
+      "reuters_mlp": {"uniform": uniform,
+                      "default": _method(0.11, (0.99, 0.99, 0.99), 0.7,
+                                         spikes=1, worst=2.5)},
+  }
+  t = {m: convergence.model_targets(m, {"methods": s})
+       for m, s in per_model.items()}
+  mlp = t["mnist_mlp"]
+  assert mlp["a"]["seed_spread"] == pytest.approx(0.010)
+  assert mlp["a"]["test_accuracy_floor"] == pytest.approx(0.970)
+  assert mlp["a"]["met"] and mlp["b"]["met"] and mlp["c"]["met"]
+  assert mlp["b"]["train_loss_ratio"] == pytest.approx(0.25)
+  assert "b" not in t["mnist_cnn"]      # (b) is the MNIST MLP's alone
+  assert t["mnist_cnn"]["a"]["train_loss_met"]
+  assert not t["mnist_cnn"]["a"]["test_accuracy_met"]
+  assert not t["mnist_cnn"]["c"]["met"]   # 0.8 of the budget
+  assert not t["reuters_mlp"]["a"]["met"] and t["reuters_mlp"]["c"]["met"]
+  assert not t["reuters_mlp"]["d"]["met"] and t["mnist_mlp"]["d"]["met"]
+  overall = convergence.targets({**t, "imdb_fasttext": None})
+  assert overall["models"] == ["mnist_mlp", "mnist_cnn", "reuters_mlp"]
+  assert not overall["all_four"]
+  assert not overall["a"]["met"]
+  assert overall["a"]["failed"] == ["mnist_cnn", "reuters_mlp"]
+  assert overall["b"]["met"] is True
+  assert overall["c"]["met"] and overall["c"]["models_reaching"] == [
+      "mnist_mlp", "reuters_mlp"]
+  assert not overall["d"]["met"] and overall["d"]["spikes"]["reuters_mlp"] == 1
+  # One model reaching is not two; no MNIST MLP leaves (b) unknown.
+  overall = convergence.targets({"mnist_cnn": t["mnist_cnn"],
+                                 "reuters_mlp": t["reuters_mlp"]})
+  assert not overall["c"]["met"] and overall["b"]["met"] is None
+  assert "(b) MNIST MLP training loss ≤ 0.3× uniform's: not run" in (
+      convergence.targets_text(overall))
+
+
+def test_per_model_budgets_from_the_command_line():
+  models = list(convergence.MODELS)
+  assert convergence.per_model("5", models) == {m: 5.0 for m in models}
+  assert convergence.per_model("mnist_cnn=3,imdb_fasttext=2.5", models) == {
+      "mnist_cnn": 3.0, "imdb_fasttext": 2.5}
+  assert convergence.per_model(None, models) == {}
+  assert convergence.per_model("cnn=3", models) == {"mnist_cnn": 3.0}
+  with pytest.raises(ValueError, match="unknown model 'vgg'"):
+    convergence.per_model("vgg=3", models)
+  assert set(convergence.MODELS) == {"mnist_mlp", "mnist_cnn", "reuters_mlp",
+                                     "imdb_fasttext"}
+
+
+def test_default_method_calls_importance_step_with_no_options(monkeypatch):
+  from experiments import sampling  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  @functools.wraps(sampling.jis.importance_step)   # its signature, too
+  def importance_step(train_step, logits_fn, **kwargs):
+    del train_step, logits_fn
+    calls.append(kwargs)
+  monkeypatch.setattr(sampling.jis, "importance_step", importance_step)
+  for model in convergence.MODELS:
+    c = convergence.make_config(model, "default", 0, "data", quick=True)
+    assert convergence.sampler_fields(c) == {}, model
+    sampling.build(c.sampler, None, None, 32)
+    assert calls.pop() == {"batch_size": 32}, model
+  c = convergence.make_config("mnist_mlp", "uniform", 0, "data", quick=True)
+  assert convergence.sampler_fields(c) == {"score": "uniform"}
+  c = convergence.make_config("mnist_mlp", "biased_k0.5", 0, "data", quick=True)
+  assert convergence.sampler_fields(c) == {
+      "score": "loss", "policy": "importance_sampling(k=0.5)"}
+  # A training line per dispatch: is/active is known step by step.
+  assert c.log_every_steps == c.steps_per_dispatch
 
 
 def test_a_method_sets_sampler_and_training_fields():
-  c = convergence.make_config("mlp", "ub_lr", 10, "data", quick=True,
+  c = convergence.make_config("mnist_mlp", "ub_lr", 10, "data", quick=True,
                               sampler={"score": "upper_bound",
                                        "learning_rate": 5e-4})
   assert c.sampler.score == "upper_bound" and c.learning_rate == 5e-4
   assert c.seed == 10
   for bad in ({"lr": 1e-3}, {"dataset": "mnist"}):
     with pytest.raises(ValueError, match="neither a config.sampler field"):
-      convergence.make_config("mlp", "x", 0, "data", quick=True, sampler=bad)
+      convergence.make_config("mnist_mlp", "x", 0, "data", quick=True,
+                              sampler=bad)
+
+
+@pytest.mark.parametrize("model,n_train,n_test,width", [
+    ("reuters_mlp", 1024, 256, 1000), ("imdb_fasttext", 2048, 512, 64)])
+def test_quick_text_configs_load_offline(model, n_train, n_test, width):
+  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  data = experiments_testing.shared_data_dir()
+  if data is None or not os.path.isdir(os.path.join(data, model.split("_")[0])):
+    pytest.skip("no ../shared/data")
+  c = convergence.make_config(model, "default", 0, data, quick=True)
+  c.dataset.source = "local"   # never tensorflow-datasets
+  ds = input_pipeline.load(c.dataset)
+  assert ds.train["input"].shape == (n_train, width)
+  assert ds.test["input"].shape == (n_test, width)
+  classes = 46 if model == "reuters_mlp" else 2
+  for split in (ds.train, ds.test):
+    assert 0 <= split["label"].min() and split["label"].max() < classes
+  assert len(set(ds.train["label"].tolist())) > 1
+
+
+def test_convergence_quick_on_two_models(out_dir, tmp_path):
+  # 800 examples: 25 steps per uniform epoch at b = 32, 50 in the 2-epoch
+  # budget, a multiple of the 10 steps per dispatch (one program to compile).
+  data = experiments_testing.write_fake_data(str(tmp_path / "data"),
+                                             n_train=800, n_test=200)
+  path = os.path.join(out_dir, "convergence.json")
+  convergence.main(["convergence.py", "--quick",
+                    "--models=mnist_mlp,reuters_mlp", f"--data_dir={data}",
+                    f"--out={path}", f"--workdir={tmp_path / 'runs'}"])
+  r = _read(path)
+  _check_header(r)
+  assert r["format"] == convergence.FORMAT and r["quick"] and r["seeds"] == 1
+  assert r["methods"] == {"uniform": {"score": "uniform"}, "default": {}}
+  assert r["code"]["jis"] and "presample" in r["jis_defaults"]
+  assert set(r["models"]) == {"mnist_mlp", "reuters_mlp"}
+  for model, entry in r["models"].items():
+    assert entry["budget_epochs_uniform"] == convergence.QUICK_BUDGET_EPOCHS
+    assert entry["budget_seconds"] > 0 and entry["steps_per_dispatch"] == 10
+    assert entry["sampler_fields"] == {"uniform": {"score": "uniform"},
+                                       "default": {}}
+    methods = entry["summary"]["methods"]
+    assert set(methods) == {"uniform", "default"}
+    for m in methods.values():
+      assert m["train_loss"]["median"] > 0
+      assert 0 <= m["test_accuracy"]["median"] <= 1
+      for key in ("time_to_uniform_final_loss",
+                  "time_to_uniform_final_accuracy"):
+        assert {"median", "fraction", "reached", "n", "per_seed"} <= set(m[key])
+      assert m["ms_per_step"]["median"] > 0
+      assert 0 <= m["is_active_fraction"]["median"] <= 1
+      assert {"count", "worst_ratio"} <= set(m["spikes"])
+    assert methods["uniform"]["is_active_fraction"]["median"] == 0
+    assert methods["uniform"]["max_weight"]["max"] is None
+    runs = {x["method"]: x for x in entry["runs"]}
+    uniform = runs["uniform"]
+    assert uniform["steps"] == 50 and uniform["curve"][-1]["epoch"] == 2.0
+    # Evaluations at the start, after the dispatch (10 steps, 0.4 epoch)
+    # that crosses each half epoch, and at the end; a line per dispatch.
+    assert [p["epoch"] for p in uniform["curve"]] == [0, 0.8, 1.2, 1.6, 2]
+    assert uniform["train_lines"]["step"] == list(range(10, 51, 10))
+    default = runs["default"]
+    lines = default["train_lines"]
+    assert lines["step"][-1] == default["steps"]
+    assert default["is_active_fraction"] == pytest.approx(
+        convergence.train_line_stats(lines)["is_active_fraction"])
+    assert entry["targets"]["method"] == "default"
+    assert ("b" in entry["targets"]) == (model == "mnist_mlp")
+  assert set(r["targets"]) >= {"a", "b", "c", "d", "models"}
+  assert r["targets"]["models"] == ["mnist_mlp", "reuters_mlp"]
+
+
+# ----------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------
+
+def _fake_run(method, seed, losses, accs, ms=5.0, active=0.0):
+  curve = _curve([0, 5, 10], losses, accs, epochs=[0, 1, 2])
+  lines = {"step": [10, 20], "is/active": [active, active],
+           "is/max_weight": [1 + 3 * active] * 2}
+  return {"method": method, "seed": seed, "steps": 20, "train_seconds": 10.0,
+          "wall_seconds": 12.0, "ms_per_step": ms,
+          **convergence.train_line_stats(lines),
+          "spikes": convergence.spikes(curve), "curve": curve,
+          "train_lines": lines}
+
+
+def _synthetic_convergence(models=("mnist_mlp", "mnist_cnn", "reuters_mlp")):
+  """A convergence JSON in the benchmark's layout, from hand-made runs."""
+  result = {"machine": {"cpu": "test cpu", "cores": 2, "memory_gib": 1.0,
+                        "backend": "cpu", "device": "cpu", "jax": "0"},
+            "command": "python -m experiments.benchmarks.convergence",
+            "date": "2026-12-02T00:00:00+00:00",
+            "code": {"jis": "0.1.0", "commit": "abcdef0123", "dirty": False},
+            "load_start": [0.1], "load_end": [0.2],
+            "format": convergence.FORMAT, "quick": False, "seeds": 2,
+            "first_seed": 0, "methods": {"uniform": {"score": "uniform"},
+                                         "default": {}},
+            "spike_rule": {"factor": 2.0, "after_epoch": 1.0}, "models": {}}
+  for model in models:
+    runs = {"uniform": [_fake_run("uniform", s, [2.0, 0.5, 0.2],
+                                  [0.1, 0.8, 0.9 + 0.01 * s]) for s in (0, 1)],
+            "default": [_fake_run("default", s, [2.0, 0.2, 0.05],
+                                  [0.1, 0.9, 0.95], ms=8.0, active=0.5)
+                        for s in (0, 1)]}
+    summary = convergence.summarize_model(runs, 10.0)
+    result["models"][model] = {
+        "title": convergence.MODELS[model].title,
+        "config": f"experiments/configs/{model}.py", "budget_seconds": 10.0,
+        "budget_epochs_uniform": 2.0, "eval_points": 2, "batch_size": 128,
+        "steps_per_dispatch": 10, "steps_per_epoch": 10.0,
+        "summary": summary,
+        "targets": convergence.model_targets(model, summary),
+        "runs": runs["uniform"] + runs["default"]}
+  result["targets"] = convergence.targets(
+      {m: e["targets"] for m, e in result["models"].items()})
+  return result
+
+
+def test_summarize_a_synthetic_model():
+  r = _synthetic_convergence(("mnist_mlp",))
+  s = r["models"]["mnist_mlp"]["summary"]
+  assert s["uniform_final_train_loss"] == pytest.approx(0.2)
+  assert s["uniform_final_test_accuracy"] == pytest.approx(0.905)
+  d = s["methods"]["default"]
+  # Default reaches 0.2 at 5 s; 0.905 between 5 s (0.9) and 10 s (0.95).
+  assert d["time_to_uniform_final_loss"]["median"] == pytest.approx(5.0)
+  assert d["time_to_uniform_final_accuracy"]["median"] == pytest.approx(5.5)
+  assert d["time_to_uniform_final_accuracy"]["fraction"] == pytest.approx(0.55)
+  assert d["is_active_fraction"]["median"] == 0.5
+  assert d["max_weight"] == {"max": pytest.approx(4.0),
+                             "mean": pytest.approx(4.0)}
+  t = r["models"]["mnist_mlp"]["targets"]
+  assert t["a"]["met"] and t["b"]["met"] and t["c"]["met"] and t["d"]["met"]
+
+
+def test_report_renders_the_four_model_table(tmp_path):
+  in_dir = tmp_path / "results"
+  in_dir.mkdir()
+  (in_dir / "convergence.json").write_text(json.dumps(_synthetic_convergence()))
+  plots = tmp_path / "plots"
+  text = report.build(str(in_dir), str(tmp_path / "benchmarks.md"),
+                      str(plots))
+  assert ("## Convergence per second: the original library's four examples"
+          in text)
+  for title in ("### MNIST MLP", "### MNIST CNN", "### Reuters MLP"):
+    assert title in text
+  assert "### IMDB FastText" not in text   # not run: no table, no figure
+  for model in ("mnist_mlp", "mnist_cnn", "reuters_mlp"):
+    assert (plots / f"convergence_{model}.png").exists()
+  assert not (plots / "convergence_imdb_fasttext.png").exists()
+  assert "## Step cost" not in text      # its JSON is missing: skipped
+  summary = report.readme_summary(str(in_dir), "docs/benchmarks")
+  rows = [l for l in summary.splitlines() if l.startswith("  | ")]
+  assert len(rows) == 2 + 4              # header, rule, the four models
+  mlp = next(l for l in rows if l.startswith("  | MNIST MLP |"))
+  assert "0.2000 → 0.0500 (0.25×)" in mlp and "90.50% → 95.00%" in mlp
+  assert "5.5 s (0.55; 2/2)" in mlp and "5.0 / 8.0 (0.05 / 0.08)" in mlp
+  assert "4 s / 10 s" in mlp and "IS after 3 epochs" in mlp
+  imdb = next(l for l in rows if l.startswith("  | IMDB FastText |"))
+  assert "not run" in imdb and "9 s / 59 s" in imdb
+  assert "(d) no loss spikes: met" in summary
+  assert "docs/benchmarks/convergence_mnist_cnn.png" in summary
+
+
+def test_report_skips_what_is_missing(tmp_path):
+  text = report.build(str(tmp_path), str(tmp_path / "benchmarks.md"),
+                      str(tmp_path / "plots"))
+  assert text.startswith("# Benchmarks") and "##" not in text
+  assert report.readme_summary(str(tmp_path)).strip() == ""
+  # A convergence JSON in the old layout is skipped, not misread.
+  (tmp_path / "convergence.json").write_text(json.dumps({"models": {}}))
+  assert "## Convergence" not in report.build(
+      str(tmp_path), str(tmp_path / "benchmarks.md"), str(tmp_path / "plots"))
 
 
 def test_report(out_dir):
   md = os.path.join(out_dir, "benchmarks.md")
   text = report.build(out_dir, md, os.path.join(out_dir, "plots"))
   for heading in ("## Step cost", "## Convergence per second",
-                  "## Scaling of scoring"):
+                  "## Scaling of scoring", "### Beside the original library"):
     assert heading in text
-  assert "Targets (upper-bound IS vs uniform" in text
-  assert "Targets (upper-bound IS, bfloat16 scoring vs uniform" in text
+  assert "Targets (default vs uniform)" in text
   assert "*Machine:*" in text and "python -m experiments.benchmarks" in text
-
-
-def test_report_adds_a_longer_convergence_run(out_dir, tmp_path):
-  for name in os.listdir(out_dir):
-    if name.endswith(".json"):
-      shutil.copy(os.path.join(out_dir, name), tmp_path / name)
-  shutil.copy(tmp_path / "convergence.json", tmp_path / "convergence_cnn_long.json")
-  plots = tmp_path / "plots"
-  text = report.build(str(tmp_path), str(tmp_path / "benchmarks.md"), str(plots))
-  assert text.count("## Convergence per second") == 2
-  assert "## Convergence per second (longer budget)" in text
-  assert (plots / "convergence_mlp.png").exists()
-  assert (plots / "convergence_mlp_long.png").exists()
-  summary = report.readme_summary(str(tmp_path), "docs/benchmarks")
-  assert summary.count("**Convergence per second**") == 2
-  assert "docs/benchmarks/convergence_mlp_long.png" in summary
 
 
 def test_readme_summary_fills_only_the_marked_block(out_dir, tmp_path):
@@ -180,11 +471,11 @@ def test_readme_summary_fills_only_the_marked_block(out_dir, tmp_path):
                     "\n## after\n")
   summary = report.readme_summary(out_dir, "docs/benchmarks")
   assert "**Step cost**" in summary and "**Scaling of scoring**" in summary
-  assert "**Convergence per second**" in summary and "uniform" in summary
+  assert "**Convergence per second**" in summary and "MNIST MLP" in summary
   report.update_readme(str(readme), summary)
   text = readme.read_text()
   assert text.startswith("# title\n") and text.endswith("\n## after\n")
-  assert "old" not in text and summary in text
+  assert "\nold\n" not in text and summary in text
   readme.write_text("# no markers\n")
   with pytest.raises(ValueError, match="benchmarks:start"):
     report.update_readme(str(readme), summary)

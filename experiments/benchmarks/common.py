@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -12,7 +13,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
+# Scratch output (quick runs, workdirs): not committed.
 DEFAULT_OUT_DIR = os.path.join("runs", "benchmarks")
+# The JSON behind docs/benchmarks.md and the README's results: committed;
+# experiments.benchmarks.report reads it from here.
+RESULTS_DIR = os.path.join("docs", "benchmarks", "results")
 
 
 def load_average() -> List[float]:
@@ -54,14 +59,33 @@ def machine() -> Dict[str, object]:
 
 
 def header(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-  """Machine, command, date and load at the start of a benchmark."""
+  """Machine, command, date, code and load at the start of a benchmark."""
   argv = list(sys.argv if argv is None else argv)
   return {
       "machine": machine(),
       "command": " ".join(["python -m", _module_of(argv[0])] + argv[1:]),
       "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      "code": code_version(),
       "load_start": load_average(),
   }
+
+
+def code_version() -> Dict[str, object]:
+  """The jis version and the git commit the benchmark ran (``dirty``: with
+  uncommitted changes), None where there is no git checkout."""
+  import jis  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(jis.__file__)))
+
+  def git(*args):
+    try:
+      return subprocess.run(["git", "-C", root, *args], capture_output=True,
+                            text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return None
+  commit = git("rev-parse", "HEAD")
+  status = git("status", "--porcelain", "--untracked-files=no")
+  return {"jis": getattr(jis, "__version__", None), "commit": commit,
+          "dirty": None if status is None else bool(status)}
 
 
 def _module_of(path: str) -> str:

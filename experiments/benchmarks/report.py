@@ -1,16 +1,18 @@
 r"""Turns the benchmarks' JSON into ``docs/benchmarks.md`` (tables and plots).
 
-  python -m experiments.benchmarks.report [--in_dir runs/benchmarks] \
+  python -m experiments.benchmarks.report [--in_dir docs/benchmarks/results] \
       [--out docs/benchmarks.md] [--plots docs/benchmarks]
 
-Reads ``step_cost.json``, ``step_cost_bf16.json`` (bfloat16 scoring),
-``convergence.json``, ``convergence_cnn.json``
-(the CNN run separately), ``convergence_cnn_long.json`` (the CNN at a longer
-budget) and ``scoring_scale.json`` (the ``*_quick.json`` ones with
-``--quick``) where present, and names the
-machine, the command, the date and the load of each. It also fills the
-README's results block (between its ``benchmarks:start`` and
-``benchmarks:end`` markers) with the headline numbers.
+Reads the committed JSON in ``docs/benchmarks/results/`` (``--in_dir``):
+``step_cost.json``, ``step_cost_bf16.json`` (bfloat16 scoring),
+``convergence.json`` (the original library's four examples, uniform against
+jis's defaults) and ``scoring_scale.json``; a missing one is a section left
+out. With ``--quick`` it reads the ``*_quick.json`` smoke runs from
+``runs/benchmarks/`` instead and leaves the README alone. Each section names
+the machine, the command, the date and the load; the plots go to
+``docs/benchmarks/``. It also fills the README's results block (between its
+``benchmarks:start`` and ``benchmarks:end`` markers) with the headline
+numbers: the four examples in one table beside the original library's.
 """
 
 import argparse
@@ -18,7 +20,7 @@ import functools
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from experiments.benchmarks import common
 from experiments.benchmarks import convergence
@@ -109,61 +111,204 @@ def step_cost_section(r: Dict, plots: str, rel: str,
   return "\n".join(text)
 
 
-def targets_sentence(t: Dict) -> str:
-  """The issue's targets for upper-bound IS, met or not, in one sentence."""
-  frac = t["time_fraction_to_uniform_final"]
-  budget = ("" if t["budget_is_10_uniform_epochs"]
-            else ", budget not 10 uniform epochs")
-  name = {"upper_bound": "upper-bound IS",
-          "upper_bound_bf16": "upper-bound IS, bfloat16 scoring"}.get(
-              t.get("method", "upper_bound"), t.get("method"))
-  return (f"Targets ({name} vs uniform{budget}): training-loss ratio "
-          f"{t['train_loss_ratio']:.3f} (target ≤ 0.2: "
-          f"{'met' if t['train_loss_met'] else 'not met'}); test error "
-          f"{t['test_error_upper_bound']:.2%} vs {t['test_error_uniform']:.2%} "
-          f"({'met' if t['test_error_met'] else 'not met'}); time to uniform's "
-          f"final loss {'never' if frac is None else f'{frac:.2f}'} of the "
-          f"budget (target ≤ 0.33: {'met' if t['time_met'] else 'not met'}).")
+# The original library's examples page (keras-importance-sampling, Keras on
+# a CPU), quoted from /work/shared/ANCHORS.md: seconds per epoch, uniform and
+# importance sampling, and what the page reports per second.
+ORIGINAL = {
+    "mnist_mlp": ("4 s", "10 s", "IS after 3 epochs beats uniform after 20 "
+                  "(loss and accuracy)"),
+    "mnist_cnn": ("61 s", "197 s", "plotted against seconds (no per-second "
+                  "comparison quoted)"),
+    "reuters_mlp": ("1 s", "6–7 s", "learns faster per update, \"a lot "
+                    "slower with respect to wall clock time\""),
+    "imdb_fasttext": ("9 s", "59 s", "better generalisation, \"training time "
+                      "is increased 6-fold\""),
+}
 
 
-# The convergence JSON files, each with the tag its plots and heading get.
-CONVERGENCE_FILES = (("convergence", ""), ("convergence_cnn", ""),
-                     ("convergence_cnn_long", "_long"))
+def _convergence(r: Optional[Dict]) -> Optional[Dict]:
+  """``r`` when it is in the layout this report reads, else None (older
+  convergence JSON is skipped with a note)."""
+  if r is not None and r.get("format") != convergence.FORMAT:
+    print(f"skipping a convergence JSON in another layout "
+          f"({r.get('format', 'convergence/1')}; this report reads "
+          f"{convergence.FORMAT})", file=sys.stderr)
+    return None
+  return r
 
 
-def convergence_section(r: Dict, plots: str, rel: str, tag: str = "") -> str:
-  heading = " (longer budget)" if tag == "_long" else ""
-  text = [f"## Convergence per second{heading}\n", provenance(r),
-          f"{r['seeds']} seeds per method; training clock (evaluation and "
-          "compilation excluded); loss on the whole training set in inference "
-          "mode and test error, median [min–max] over seeds, interpolated "
-          "between evaluations.\n"]
-  for model, entry in r["models"].items():
-    text.append(convergence.render(model, entry))
-    for t in (entry.get("targets"), entry.get("targets_bf16")):
-      if t:
-        text.append(f"\n{targets_sentence(t)}\n")
+def _pct(v: Optional[float]) -> str:
+  return "–" if v is None else f"{100 * v:.2f}%"
 
-    def draw(plt, entry=entry, model=model):
-      fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-      for method, m in entry["summary"]["methods"].items():
-        ts = [p["t"] for p in m["points"]]
-        axes[0].semilogy(ts, [p["train_loss"]["median"] for p in m["points"]],
-                         label=method)
-        axes[0].fill_between(ts, [p["train_loss"]["min"] for p in m["points"]],
-                             [p["train_loss"]["max"] for p in m["points"]],
-                             alpha=0.15)
-        axes[1].plot(ts, [100 * p["test_error"]["median"] for p in m["points"]],
-                     label=method)
-      axes[0].set_title(f"{model}: training loss (whole set)")
-      axes[1].set_title(f"{model}: test error (%)")
-      for ax in axes:
-        ax.set_xlabel("training seconds")
-      axes[1].legend(fontsize=7)
-      return fig
-    name = f"convergence_{model}{tag}.png"
-    if _plot(os.path.join(plots, name), draw):
-      text.append(f"![convergence {model}{tag}]({rel}/{name})\n")
+
+def _s_per_epoch(ms: Optional[float], entry: Dict) -> str:
+  spe = entry.get("steps_per_epoch")
+  return "" if ms is None or not spe else f"{ms * spe / 1e3:.3g}"
+
+
+def four_model_table(r: Optional[Dict], method: str = "default") -> str:
+  """One row per model of the original library's examples: uniform against
+  ``method`` at the budget, beside the original's figures; a model not in
+  ``r`` keeps its row, with the original's figures only."""
+  rows = []
+  for model, spec in convergence.MODELS.items():
+    u_epoch, is_epoch, per_second = ORIGINAL[model]
+    row = {"model": spec.title, "budget": "not run",
+           "train loss, uniform → default": "–",
+           "test accuracy, uniform → default": "–",
+           "default reaches uniform's final accuracy": "–",
+           "ms/step (s/epoch), uniform / default": "–",
+           "IS active": "–", "max weight (max / mean)": "–",
+           "original s/epoch, uniform / IS": f"{u_epoch} / {is_epoch}",
+           "original, per second": per_second}
+    entry = (r or {}).get("models", {}).get(model)
+    methods = entry["summary"]["methods"] if entry else {}
+    if "uniform" in methods and method in methods:
+      u, d = methods["uniform"], methods[method]
+      epochs = entry.get("budget_epochs_uniform")
+      ul, dl = u["train_loss"]["median"], d["train_loss"]["median"]
+      um, dm = u["ms_per_step"]["median"], d["ms_per_step"]["median"]
+      ue, de = _s_per_epoch(um, entry), _s_per_epoch(dm, entry)
+      row.update({
+          "budget": (convergence.fmt_seconds(entry["budget_seconds"])
+                     + (f" ({epochs:g} epochs)" if epochs else "")),
+          "train loss, uniform → default":
+              f"{ul:.4f} → {dl:.4f} ({dl / ul:.2f}×)",
+          "test accuracy, uniform → default":
+              f"{_pct(u['test_accuracy']['median'])} → "
+              f"{_pct(d['test_accuracy']['median'])}",
+          "default reaches uniform's final accuracy": convergence.fmt_reach(
+              d["time_to_uniform_final_accuracy"]),
+          "ms/step (s/epoch), uniform / default":
+              f"{um:.1f} / {dm:.1f}" + (f" ({ue} / {de})" if ue else ""),
+          "IS active": convergence.fmt_range(d["is_active_fraction"], ".2f"),
+          "max weight (max / mean)": convergence.fmt_weight(d["max_weight"]),
+      })
+    rows.append(row)
+  return common.table(rows, list(rows[0]))
+
+
+def _targets_sentence(t: Dict) -> str:
+  """The overall targets in one sentence."""
+  def met(x):
+    return "not run" if x is None else ("met" if x else "**not met**")
+  b = t["b"]
+  ratio = ("" if b["train_loss_ratio"] is None
+           else f", {b['train_loss_ratio']:.2f}×")
+  return (f"Targets for default against uniform ({len(t['models'])} of 4 "
+          f"models run): (a) loss no higher and accuracy within seed noise "
+          f"on every model: {met(t['a']['met'])}; (b) MNIST MLP loss ≤ "
+          f"{b['target']}× uniform's: {met(b['met'])}{ratio}; (c) uniform's "
+          f"final accuracy in ≤ {t['c']['target']} of the budget on ≥ "
+          f"{t['c']['needed']} models: {met(t['c']['met'])} "
+          f"({', '.join(t['c']['models_reaching']) or 'none'}); (d) no loss "
+          f"spikes: {met(t['d']['met'])}.")
+
+
+def _model_targets_sentence(t: Dict) -> str:
+  a, c, d = t["a"], t["c"], t["d"]
+  frac = c["time_fraction_to_uniform_final_accuracy"]
+  parts = [
+      f"(a) training loss {'≤' if a['train_loss_met'] else '>'} uniform's "
+      f"({t['train_loss_ratio']:.2f}×), test accuracy "
+      f"{'not below' if a['test_accuracy_met'] else 'below'} uniform's median "
+      f"minus the seed spread ({_pct(a['test_accuracy_floor'])}, spread "
+      f"{100 * a['seed_spread']:.2f} points): "
+      f"{'met' if a['met'] else 'not met'}"]
+  if "b" in t:
+    parts.append(f"(b) loss ratio {t['b']['train_loss_ratio']:.2f} ≤ "
+                 f"{t['b']['target']}: {'met' if t['b']['met'] else 'not met'}")
+  parts.append(f"(c) uniform's final test accuracy at "
+               f"{'never' if frac is None else f'{frac:.2f}'} of the budget "
+               f"(≤ {c['target']}: {'met' if c['met'] else 'not met'})")
+  worst = d["worst_ratio"]
+  parts.append(f"(d) {d['spikes']} spike(s), worst rise "
+               f"{'–' if worst is None else f'{worst:.2f}×'}: "
+               f"{'met' if d['met'] else 'not met'}")
+  return f"Targets ({t['method']} vs uniform): " + "; ".join(parts) + "."
+
+
+def convergence_plot(model: str, entry: Dict, path: str) -> Optional[str]:
+  """Training loss (log scale) and test accuracy against training seconds:
+  the median over seeds and the min–max band, per method."""
+  runs = {}
+  for run in entry["runs"]:
+    runs.setdefault(run["method"], []).append(run)
+  budget = entry["budget_seconds"]
+  grid = [budget * i / 100 for i in range(101)]
+
+  def draw(plt):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    low = []
+    for method, seeds in runs.items():
+      loss = convergence.band(seeds, "train_loss", grid, log=True)
+      acc = convergence.band(seeds, "test_accuracy", grid)
+      (line,) = axes[0].semilogy(grid, loss["median"], label=method)
+      axes[0].fill_between(grid, loss["min"], loss["max"], alpha=0.2,
+                           color=line.get_color())
+      pct = {k: [100 * v for v in vs] for k, vs in acc.items()}
+      axes[1].plot(grid, pct["median"], label=method, color=line.get_color())
+      axes[1].fill_between(grid, pct["min"], pct["max"], alpha=0.2,
+                           color=line.get_color())
+      low.append(min(pct["min"][10:] or pct["min"]))
+    top = max(100 * r["curve"][-1]["test_accuracy"]
+              for seeds in runs.values() for r in seeds)
+    axes[1].set_ylim(max(0.0, min(low) - 0.5), min(100.0, top + 0.5))
+    title = entry.get("title", model)
+    axes[0].set_title(f"{title}: training loss (whole split)")
+    axes[1].set_title(f"{title}: test accuracy (%)")
+    for ax in axes:
+      ax.set_xlabel("training seconds")
+      ax.axvline(budget, color="gray", lw=0.5)
+    axes[1].legend(fontsize=8)
+    return fig
+  return _plot(path, draw)
+
+
+def convergence_section(r: Dict, plots: str, rel: str) -> str:
+  methods = ", ".join(
+      f"`{m}` ({'no options: jis defaults' if not o else json.dumps(o)})"
+      for m, o in r["methods"].items())
+  code = r.get("code") or {}
+  text = ["## Convergence per second: the original library's four examples\n",
+          provenance(r),
+          f"*Code:* jis {code.get('jis')}, commit {code.get('commit')}"
+          f"{' (with uncommitted changes)' if code.get('dirty') else ''}.\n",
+          f"Methods: {methods}. {r['seeds']} seed(s) each (from seed "
+          f"{r['first_seed']}). Each model's budget is uniform's training "
+          "time for its epochs (median over seeds); every other method trains "
+          "that many seconds. Training clock only (compilation, evaluation "
+          "and logging excluded). Training loss: the whole training split in "
+          "inference mode; values at the budget are median [min–max] over "
+          "seeds, interpolated between evaluations. *t → uniform's loss / "
+          "accuracy*: median time to uniform's final value (a seed that never "
+          "reaches it counts as never), its fraction of the budget, and the "
+          "seeds that reached it. *IS active*: the fraction of importance "
+          "steps (`is/active`, from a training line per dispatch). *max "
+          "weight*: over the importance steps, the largest (per dispatch, "
+          "exact at one importance step per dispatch) and the median over "
+          "seeds of the mean. *spikes*: rises of the training loss of more "
+          f"than {r['spike_rule']['factor']:g}× between consecutive "
+          f"evaluations after epoch {r['spike_rule']['after_epoch']:g}, "
+          "summed over seeds, and the worst rise seen.\n"]
+  for model in convergence.MODELS:
+    entry = r["models"].get(model)
+    if entry is None:
+      continue
+    text.append(f"### {entry.get('title', model)}\n")
+    text.append(f"`{entry['config']}`, b = {entry.get('batch_size')}, "
+                f"{entry.get('steps_per_dispatch')} step(s) per dispatch, "
+                f"{entry['eval_points']} evaluations over the budget.\n")
+    text.append(convergence.render(model, entry).strip() + "\n")
+    if entry.get("targets"):
+      text.append(_model_targets_sentence(entry["targets"]) + "\n")
+    name = f"convergence_{model}.png"
+    if convergence_plot(model, entry, os.path.join(plots, name)):
+      text.append(f"![convergence {model}]({rel}/{name})\n")
+  text.append("### Beside the original library\n")
+  text.append(four_model_table(r) + "\n")
+  if r.get("targets"):
+    text.append(convergence.targets_text(r["targets"]) + "\n")
   return "\n".join(text)
 
 
@@ -211,24 +356,28 @@ def scoring_section(r: Dict, plots: str, rel: str) -> str:
   return "\n".join(text)
 
 
-def build(in_dir: str = common.DEFAULT_OUT_DIR, out: str = "docs/benchmarks.md",
+def build(in_dir: str = common.RESULTS_DIR, out: str = "docs/benchmarks.md",
           plots: Optional[str] = None, quick: bool = False) -> str:
+  """Writes ``out`` (and its plots) from the JSON in ``in_dir``; a section
+  whose JSON is missing is left out."""
   suffix = "_quick" if quick else ""
   plots = plots or os.path.join(os.path.dirname(out) or ".", "benchmarks")
   rel = os.path.relpath(plots, os.path.dirname(os.path.abspath(out)) or ".")
   parts = ["# Benchmarks\n",
            "Generated by `python -m experiments.benchmarks.report` from the "
-           "JSON the benchmark scripts write; each section names its machine, "
-           "command, date and load. CPU timings on a shared 2-core machine are "
-           "noisy: read the medians with their ranges.\n"]
+           f"JSON in `{in_dir}` that the benchmark scripts write; each section "
+           "names its machine, command, date and load. CPU timings on a "
+           "shared 2-core machine are noisy: read the medians with their "
+           "ranges.\n"]
   sections = [("step_cost", step_cost_section),
               ("step_cost_bf16", functools.partial(step_cost_section,
-                                                   name="step_cost_bf16"))]
-  sections += [(name, functools.partial(convergence_section, tag=tag))
-               for name, tag in CONVERGENCE_FILES]
-  sections.append(("scoring_scale", scoring_section))
+                                                   name="step_cost_bf16")),
+              ("convergence", convergence_section),
+              ("scoring_scale", scoring_section)]
   for name, section in sections:
     r = _load(os.path.join(in_dir, f"{name}{suffix}.json"))
+    if name == "convergence":
+      r = _convergence(r)
     if r is not None:
       parts.append(section(r, plots, rel))
   text = "\n".join(parts)
@@ -246,7 +395,7 @@ def _range(values: Sequence[float]) -> str:
   return f"{min(values):.2f}–{max(values):.2f}"
 
 
-def readme_summary(in_dir: str = common.DEFAULT_OUT_DIR,
+def readme_summary(in_dir: str = common.RESULTS_DIR,
                    plots_rel: str = "docs/benchmarks", suffix: str = "") -> str:
   """The README's results: the headline numbers of each benchmark JSON."""
   lines = []
@@ -289,38 +438,25 @@ def readme_summary(in_dir: str = common.DEFAULT_OUT_DIR,
           f"{_range(scoring)}× its time at the model's precision; the IS "
           f"step costs {_range(full)}× the model-precision floor, "
           f"{_range(per_u)} uniform steps.")
-  for name, tag in CONVERGENCE_FILES:
-    cv = _load(os.path.join(in_dir, f"{name}{suffix}.json"))
-    for model, entry in (cv or {}).get("models", {}).items():
-      methods = entry["summary"]["methods"]
-      budget = entry["budget_seconds"]
-      epochs = entry.get("budget_epochs_uniform")
-      lines.append(
-          f"- **Convergence per second**, {model} (real MNIST, {cv['seeds']} "
-          f"seeds, budget {budget:.0f} s of training"
-          f"{f' = {epochs:g} uniform epochs' if epochs else ''}; "
-          f"{cv['machine']['cores']}-core {cv['machine']['backend']}, "
-          f"{cv['date'][:10]}): median [min–max] over seeds at the budget.\n")
-      rows = []
-      for method, mm in methods.items():
-        last = mm["points"][-1]
-        tl, te = last["train_loss"], last["test_error"]
-        reach = mm["time_to_uniform_final"]["median"]
-        rows.append({
-            "method": method,
-            "train loss": f"{tl['median']:.4f} [{tl['min']:.4f}–{tl['max']:.4f}]",
-            "test error": f"{te['median']:.2%} [{te['min']:.2%}–{te['max']:.2%}]",
-            "ms/step": f"{1e3 * budget / max(mm['steps']['median'], 1):.1f}",
-            "time to uniform's final loss": (
-                "never" if reach is None else f"{reach:.1f} s"),
-        })
-      table = common.table(rows, list(rows[0]))
-      lines.append("  " + table.replace("\n", "\n  ") + "\n")
-      for t in (entry.get("targets"), entry.get("targets_bf16")):
-        if t:
-          lines.append(f"  {targets_sentence(t)}\n")
-      lines.append(f"  ![convergence {model}{tag}]({plots_rel}/convergence_"
-                   f"{model}{tag}.png)\n")
+  cv = _convergence(_load(os.path.join(in_dir, f"convergence{suffix}.json")))
+  if cv:
+    m, code = cv["machine"], cv.get("code") or {}
+    lines.append(
+        f"- **Convergence per second**, the original library's four examples "
+        f"(real data, {cv['seeds']} seed{'s' if cv['seeds'] != 1 else ''}, "
+        "uniform against jis's defaults at "
+        f"equal training time; {m['cores']}-core {m['backend']}, "
+        f"{cv['date'][:10]}, commit {str(code.get('commit'))[:7]}): medians "
+        "over seeds at the budget (uniform's time for its epochs); the "
+        "original's figures are from its examples page (Keras, CPU).\n")
+    lines.append("  " + four_model_table(cv).replace("\n", "\n  ") + "\n")
+    if cv.get("targets"):
+      lines.append(f"  {_targets_sentence(cv['targets'])}\n")
+    figures = [f"[{e.get('title', k)}]({plots_rel}/convergence_{k}.png)"
+               for k, e in cv["models"].items()]
+    lines.append(f"  Figures: {', '.join(figures)}. Command: "
+                 f"`{cv['command']}` (tables per model in "
+                 "docs/benchmarks.md).\n")
   ss = _load(os.path.join(in_dir, f"scoring_scale{suffix}.json"))
   if ss:
     parts = []
@@ -359,7 +495,9 @@ def update_readme(path: str, summary: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--in_dir", default=common.DEFAULT_OUT_DIR)
+  p.add_argument("--in_dir", default=None,
+                 help=f"the JSON (default {common.RESULTS_DIR}, committed; "
+                 f"with --quick {common.DEFAULT_OUT_DIR})")
   p.add_argument("--out", default="docs/benchmarks.md")
   p.add_argument("--plots", default=None)
   p.add_argument("--quick", action="store_true",
@@ -368,12 +506,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  help="fill this README's benchmark block ('' to skip; "
                  "skipped with --quick)")
   a = p.parse_args(argv[1:])
-  build(a.in_dir, a.out, a.plots, a.quick)
+  in_dir = a.in_dir or (common.DEFAULT_OUT_DIR if a.quick
+                        else common.RESULTS_DIR)
+  build(in_dir, a.out, a.plots, a.quick)
   print(f"wrote {a.out}")
   if a.readme and not a.quick:
     plots = a.plots or os.path.join(os.path.dirname(a.out) or ".", "benchmarks")
     rel = os.path.relpath(plots, os.path.dirname(os.path.abspath(a.readme)))
-    update_readme(a.readme, readme_summary(a.in_dir, rel))
+    update_readme(a.readme, readme_summary(in_dir, rel))
     print(f"updated {a.readme}")
 
 
