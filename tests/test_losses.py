@@ -103,3 +103,133 @@ def test_callable_loss_must_return_per_example_values():
   with pytest.raises(ValueError, match="one loss per example"):
     jis.logit_grad_norm(jnp.zeros((4, 3)), jnp.zeros((4,), jnp.int32),
                         lambda z, y: jnp.sum(z))
+
+
+# ---------------------------------------------------------------- heads, masks
+
+
+def _two_heads(n=6, seed=0):
+  k = jax.random.split(jax.random.key(seed), 4)
+  logits = {"a": 2 * jax.random.normal(k[0], (n, 2)),
+            "b": 2 * jax.random.normal(k[1], (n, 5))}
+  labels = {"a": jax.random.randint(k[2], (n,), 0, 2),
+            "b": jax.random.bernoulli(k[3], 0.5, (n, 5)).astype(jnp.float32)}
+  return logits, labels
+
+
+def _pytree_autodiff_norms(per_example, logits, labels):
+  """‖∂ℓᵢ/∂(all heads)‖ by a per-example autodiff gradient of the whole pytree."""
+  grads = jax.vmap(jax.grad(per_example))(logits, labels)
+  squares = [np.sum(np.square(np.asarray(g)).reshape(g.shape[0], -1), 1)
+             for g in jax.tree.leaves(grads)]
+  return np.sqrt(sum(squares))
+
+
+def test_a_loss_per_head_matches_autodiff():
+  logits, labels = _two_heads()
+  ref = _reference_losses()
+  per_example = lambda z, y: (ref["softmax_cross_entropy"](z["a"], y["a"])
+                              + ref["sigmoid_binary_cross_entropy"](z["b"], y["b"]))
+  loss = {"a": "softmax_cross_entropy", "b": "sigmoid_binary_cross_entropy"}
+  np.testing.assert_allclose(jis.logit_grad_norm(logits, labels, loss),
+                             _pytree_autodiff_norms(per_example, logits, labels),
+                             rtol=1e-5, atol=1e-6)
+  # The per-example loss sums the heads.
+  np.testing.assert_allclose(
+      _losses.resolve_loss(loss).per_example(logits, labels),
+      jax.vmap(per_example)(logits, labels), rtol=1e-5)
+
+
+def test_one_loss_name_applies_to_every_head():
+  k = jax.random.split(jax.random.key(3), 4)
+  logits = (jax.random.normal(k[0], (5, 3)), jax.random.normal(k[1], (5, 4)))
+  labels = (jax.random.randint(k[2], (5,), 0, 3),
+            jax.random.randint(k[3], (5,), 0, 4))
+  ce = _reference_losses()["softmax_cross_entropy"]
+  per_example = lambda z, y: ce(z[0], y[0]) + ce(z[1], y[1])
+  np.testing.assert_allclose(jis.logit_grad_norm(logits, labels),
+                             _pytree_autodiff_norms(per_example, logits, labels),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_a_custom_loss_takes_the_heads_whole():
+  logits, labels = _two_heads(seed=1)
+
+  def custom(z, y):   # the issue's two-head model: a loss of its own
+    return (optax.softmax_cross_entropy_with_integer_labels(z["a"], y["a"])
+            + jnp.sum(jnp.square(z["b"] - y["b"]), axis=1))
+  per_example = lambda z, y: custom(jax.tree.map(lambda x: x[None], z),
+                                    jax.tree.map(lambda x: x[None], y))[0]
+  np.testing.assert_allclose(jis.logit_grad_norm(logits, labels, custom),
+                             _pytree_autodiff_norms(per_example, logits, labels),
+                             rtol=1e-5, atol=1e-6)
+
+
+def _sequence(n=4, t=7, v=6, seed=0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  logits = 2 * jax.random.normal(k[0], (n, t, v))
+  tokens = jax.random.randint(k[1], (n, t), 0, v)
+  lengths = jnp.array([7, 3, 5, 1])[:n]
+  mask = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.float32)
+  return logits, tokens, mask
+
+
+def test_masked_sequence_cross_entropy_matches_autodiff_and_ignores_padding():
+  logits, tokens, mask = _sequence()
+  ce = _reference_losses()["softmax_cross_entropy"]
+
+  def masked(z, y, m):   # z [T, V], y [T], m [T]
+    return jnp.sum(m * jax.vmap(ce)(z, y))
+  grads = jax.vmap(jax.grad(masked))(logits, tokens, mask)
+  ref = np.sqrt(np.sum(np.square(np.asarray(grads)).reshape(4, -1), 1))
+  got = jis.logit_grad_norm(logits, tokens, mask=mask)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      _losses.resolve_loss("softmax_cross_entropy").per_example(
+          logits, tokens, mask), jax.vmap(masked)(logits, tokens, mask),
+      rtol=1e-5)
+  # Whatever sits in the padded positions changes nothing.
+  noise = jnp.where(mask[..., None] > 0, logits, 100.0 * jnp.ones_like(logits))
+  np.testing.assert_allclose(jis.logit_grad_norm(noise, tokens, mask=mask), got,
+                             rtol=1e-6)
+  # Without the mask the padding counts (the bug the mask removes).
+  assert not np.allclose(jis.logit_grad_norm(logits, tokens), got)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid_binary_cross_entropy",
+                                  "mean_squared_error"])
+def test_masks_for_the_elementwise_losses_match_autodiff(loss):
+  k = jax.random.split(jax.random.key(5), 2)
+  logits = jax.random.normal(k[0], (4, 7, 2))
+  labels = jax.random.bernoulli(k[1], 0.5, (4, 7, 2)).astype(jnp.float32)
+  _, _, mask = _sequence()
+  ref_loss = _reference_losses()[loss]
+  if loss == "mean_squared_error":   # the mean stays over all D outputs
+    per = lambda z, y, m: jnp.sum(m[:, None] * jnp.square(z - y)) / z.size
+  else:
+    per = lambda z, y, m: jnp.sum(m * jax.vmap(ref_loss)(z, y))
+  grads = jax.vmap(jax.grad(per))(logits, labels, mask)
+  ref = np.sqrt(np.sum(np.square(np.asarray(grads)).reshape(4, -1), 1))
+  np.testing.assert_allclose(jis.logit_grad_norm(logits, labels, loss, mask),
+                             ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: jis.logit_grad_norm(_two_heads()[0], jnp.zeros((6,), jnp.int32)),
+     ValueError, r"labels \(and a per-head loss\) must be pytrees"),
+    (lambda: jis.logit_grad_norm(jnp.zeros((4, 3)), jnp.zeros((4,), jnp.int32),
+                                 {"a": "softmax_cross_entropy"}),
+     ValueError, "names a loss per head, but the logits are one array"),
+    (lambda: jis.logit_grad_norm(jnp.zeros((4, 3)), jnp.zeros((4,), jnp.int32),
+                                 {"a": "hinge"}),
+     ValueError, "Unknown loss='hinge'"),
+    (lambda: jis.logit_grad_norm(jnp.zeros((4, 7, 3)), jnp.zeros((4, 7), jnp.int32),
+                                 mask=jnp.ones((4, 6))),
+     ValueError, r"mask must have the shape of the loss's positions \(4, 7\)"),
+    (lambda: jis.logit_grad_norm(jnp.zeros((4, 3)), jnp.zeros((4,), jnp.int32),
+                                 lambda z, y: jnp.sum(z, 1), mask=jnp.ones(4)),
+     ValueError, "mask= applies to the built-in losses"),
+])
+def test_head_and_mask_errors_name_the_fix(call, error, match):
+  with pytest.raises(error, match=match):
+    call()

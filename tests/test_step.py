@@ -736,3 +736,80 @@ def test_extreme_but_valid_scores_keep_weights_finite_and_bounded(scale):
   assert 0 < float(metrics["is/max_weight"]) <= 1e4
   assert 1.0 <= float(metrics["is/variance_reduction"]) <= np.sqrt(12) + 1e-4
   assert np.all(np.isfinite(np.asarray(state.inner)))
+
+
+# ---------------------------------------------------------------- models users have
+
+
+def _two_head_setup():
+  k = jax.random.split(jax.random.key(4), 4)
+  params = {"a": jax.random.normal(k[0], (DIM, 2)),
+            "b": jax.random.normal(k[1], (DIM, 5))}
+  batch = {"x": jax.random.normal(k[2], (12, DIM)),
+           "label": jax.random.randint(k[3], (12,), 0, 2),
+           "label2": jax.random.randint(k[3], (12,), 0, 5)}
+  heads = lambda p, batch: {"a": batch["x"] @ p["a"], "b": batch["x"] @ p["b"]}
+
+  def train_step(p, batch, weights):
+    def loss_fn(p):
+      z = heads(p, batch)
+      return jnp.mean(weights * (
+          optax.softmax_cross_entropy_with_integer_labels(z["a"], batch["label"])
+          + optax.softmax_cross_entropy_with_integer_labels(z["b"], batch["label2"])))
+    return jax.tree.map(lambda w, g: w - 0.1 * g, p, jax.grad(loss_fn)(p)), {}
+  return params, batch, heads, train_step
+
+
+@pytest.mark.parametrize("loss_kind", ["custom", "per_head"])
+def test_a_two_head_model_is_scored_over_both_heads(loss_kind):
+  params, batch, heads, train_step = _two_head_setup()
+  if loss_kind == "custom":   # the example, refused before
+    loss = lambda z, y: (
+        optax.softmax_cross_entropy_with_integer_labels(z["a"], y[0])
+        + optax.softmax_cross_entropy_with_integer_labels(z["b"], y[1]))
+    labels = lambda b: (b["label"], b["label2"])
+  else:
+    loss = {"a": "softmax_cross_entropy", "b": "softmax_cross_entropy"}
+    labels = lambda b: {"a": b["label"], "b": b["label2"]}
+  sampler = jis.importance_step(train_step, heads, batch_size=4, presample=3.0,
+                                loss=loss, labels=labels, tau_threshold=0.0)
+  state, metrics = jax.jit(sampler.step)(sampler.init(params, jax.random.key(0)),
+                                         batch)
+  # The mean score is that of the gradient over both heads (numpy reference).
+  expected = np.sqrt(
+      np.square(_numpy_upper_bound(params["a"], batch)) +
+      np.square(_numpy_upper_bound(params["b"], {**batch,
+                                                  "label": batch["label2"]})))
+  np.testing.assert_allclose(float(metrics["is/score_mean"]), expected.mean(),
+                             rtol=1e-5)
+
+
+def test_a_masked_sequence_model_ignores_padding_in_its_scores():
+  n, t, v = 12, 6, 4
+  k = jax.random.split(jax.random.key(8), 3)
+  emb = jax.random.normal(k[0], (v, v))
+  tokens = jax.random.randint(k[1], (n, t), 0, v)
+  lengths = jax.random.randint(k[2], (n,), 1, t + 1)
+  mask = (jnp.arange(t)[None] < lengths[:, None]).astype(jnp.float32)
+  logits_fn = lambda p, batch: batch["inputs"] @ p       # [n, T, V]
+
+  def train_step(p, batch, weights):
+    def loss_fn(p):
+      ce = optax.softmax_cross_entropy_with_integer_labels(
+          logits_fn(p, batch), batch["tokens"])
+      return jnp.mean(weights * jnp.sum(batch["mask"] * ce, axis=1))
+    return p - 0.1 * jax.grad(loss_fn)(p), {}
+  sampler = jis.importance_step(train_step, logits_fn, batch_size=4,
+                                presample=3.0, labels="tokens", mask="mask",
+                                tau_threshold=0.0)
+  batch = {"inputs": emb[tokens], "tokens": tokens, "mask": mask}
+  noisy = {**batch, "inputs": jnp.where(mask[..., None] > 0, batch["inputs"], 9.0)}
+  step = jax.jit(sampler.step)
+  runs = [step(sampler.init(jnp.eye(v), jax.random.key(0)), b) for b in
+          (batch, noisy)]
+  # Padded positions change neither the scores nor what is drawn.
+  for name in ("is/score_mean", "is/variance_reduction", "is/max_weight"):
+    np.testing.assert_allclose(runs[0][1][name], runs[1][1][name], rtol=1e-6)
+  scores = jis.logit_grad_norm(batch["inputs"] @ jnp.eye(v), tokens, mask=mask)
+  np.testing.assert_allclose(float(runs[0][1]["is/score_mean"]),
+                             float(jnp.mean(scores)), rtol=1e-6)
