@@ -38,6 +38,8 @@ class Plan(NamedTuple):
     score: the importance score.
     labels: ``batch -> labels``.
     mask: ``batch -> mask`` of the loss's positions, or None.
+    example_weights: ``batch -> [n]`` weights the loader gives each example
+      (multiplied into the importance weights), or None.
     policy: how ``b`` rows are drawn from the scores.
     condition: when a step resamples.
     transforms: score transforms, applied in order.
@@ -57,6 +59,7 @@ class Plan(NamedTuple):
   score: _scores.Score
   labels: Callable[[PyTree], Any]
   mask: Optional[Callable[[PyTree], Any]]
+  example_weights: Optional[Callable[[PyTree], Any]]
   policy: _policies.Policy
   condition: _conditions.Condition
   transforms: Tuple[_transforms.ScoreTransform, ...]
@@ -198,7 +201,7 @@ def _static_active(condition, score, threshold) -> Optional[bool]:
 
 
 def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
-         score,
+         example_weights, score,
          tau_threshold, tau_momentum, k, smooth, adaptive_smooth,
          score_transforms, policy, condition, score_table, budget,
          forward_batch_size, mesh, data_axis, resample, diagnostics) -> Plan:
@@ -212,12 +215,18 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
   loss_ = _losses.resolve_loss(loss)
   mask_fn = _mask_getter(mask, loss_)
   score_ = _scores.resolve_score(score, loss_, mask_fn)
-  if logits_fn is None and score_.needs_logits:
+  lookups_only = score_table is not None and score_table.fresh is None
+  if logits_fn is None and score_.needs_logits and not lookups_only:
     raise ValueError(
         f"score={score_.name!r} needs the model's logits, so logits_fn is "
-        "required: pass logits_fn(state, batch) -> logits (inference mode).")
+        "required: pass logits_fn(state, batch) -> logits (inference mode). "
+        "(Only a score table that never refreshes the presample, "
+        "jis.stale_scores(N), can do without: its scores then come from the "
+        "logits your train_step returns under metrics['is/logits'].)")
   if logits_fn is not None:
     _validate.accepts(logits_fn, "logits_fn", ("state", "batch"))
+  elif score_.per_parameter:
+    raise ValueError("score='gradient_norm' differentiates logits_fn: pass it.")
   if score_table is not None:
     _validate.instance("score_table", score_table, _stale.ScoreTable,
                        "jis.ScoreTable (jis.stale_scores(N))")
@@ -234,7 +243,10 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
                                     score_table, big_b, b)
   return Plan(
       batch_size=b, presample_size=big_b, loss=loss_, score=score_,
-      labels=labels_getter(labels), mask=mask_fn, policy=_policy(policy, k),
+      labels=labels_getter(labels), mask=mask_fn,
+      example_weights=(None if example_weights is None else batch_getter(
+          "example_weights", "per-example weights", example_weights)),
+      policy=_policy(policy, k),
       condition=condition,
       transforms=_transforms_of(score_transforms, smooth, adaptive_smooth),
       table=score_table, buckets=buckets, budget=budget, placement=placement,

@@ -8,10 +8,11 @@ full data again for the last part of training. With a score table
 what a uniform step costs.
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jis import _policies
 from jis import _selective_backprop
@@ -93,3 +94,64 @@ def infobatch(prune: float = 0.5, anneal_step: Optional[int] = None
     return _policies.Selection(indices, weights, keep / jnp.sum(keep),
                                PruneState(state.steps + 1))
   return _policies.Policy(init, select)
+
+
+def infobatch_epoch(scores, scored=None, *, prune: float = 0.5,
+                    seed: Union[int, Sequence[int]] = 0, anneal: bool = False
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+  """One InfoBatch epoch for a data loader: what to load, in what order, weighted.
+
+  For data that streams from the host, pruning inside the step still loads
+  every presampled row. Pruning in the loader skips the pruned examples
+  before they are read: once per epoch, read the score table to the host
+  (``np.asarray(state.table.scores)``, ``4 N`` bytes), draw the epoch here,
+  load only its examples, and give the step their weights with
+  ``importance_step(..., example_weights="weight")``; the step keeps the
+  table current from the ``"is/logits"`` of the examples it trains on
+  (``presample=1.0``, ``condition=jis.never()``: no scoring pass).
+
+  Examples whose score is below the mean of the scored ones are kept with
+  probability ``1 − prune`` and weight ``1 / (1 − prune)``; the others (and
+  the never scored) are kept with weight 1. Every example's expected weight is
+  1, so the epoch's weighted gradient sum is an unbiased estimate of the full
+  epoch's; the epoch is ``prune`` times the share of below-mean examples
+  shorter.
+
+  Args:
+    scores: ``[N]`` the table's scores.
+    scored: ``[N]`` bool, which examples have a score (``state.table.scored_at
+      >= 0``); None: all.
+    prune: InfoBatch's ``r``, in ``[0, 1)``.
+    seed: seeds ``numpy.random.default_rng``; pass ``(seed, epoch)``.
+    anneal: keep every example with weight 1 (InfoBatch's last epochs).
+
+  Returns:
+    ``(indices [M], weights [M])``, the kept examples in a random order.
+
+  Examples:
+    >>> import numpy as np
+    >>> import jis
+    >>> order, weights = jis.infobatch_epoch(np.array([0.1, 0.2, 3.0, 4.0]),
+    ...                                      prune=0.5, seed=(0, 1))
+    >>> sorted(set(weights.tolist())) <= [1.0, 2.0], {2, 3} <= set(order.tolist())
+    (True, True)
+  """
+  prune = _validate.number("infobatch_epoch(prune)", prune, 0, 1,
+                           high_open=True)
+  scores = np.asarray(scores, np.float64)
+  if scores.ndim != 1:
+    raise ValueError("infobatch_epoch(scores) needs one score per example, "
+                     f"shape [N]; got {scores.shape}.")
+  scored = (np.ones(scores.shape, bool) if scored is None
+            else np.asarray(scored, bool))
+  if scored.shape != scores.shape:
+    raise ValueError(f"infobatch_epoch(scored) must have the scores' shape "
+                     f"{scores.shape}; got {scored.shape}.")
+  rng = np.random.default_rng(seed)
+  low = np.zeros(scores.shape, bool)
+  if scored.any() and not anneal:
+    low = scored & (scores < scores[scored].mean())
+  keep = ~low | (rng.random(scores.shape) >= prune)
+  indices = rng.permutation(np.flatnonzero(keep))
+  weights = np.where(low[indices], 1.0 / (1.0 - prune), 1.0).astype(np.float32)
+  return indices, weights

@@ -303,7 +303,7 @@ def _score_before_update(plan, model, state, rows, static, active):
   forward pass, where they are needed (else None). When the train step hands
   back its logits instead, this pass has no user and jit drops it."""
   on_importance, on_uniform = _needs_trained_scores(plan, static)
-  if not (on_importance or on_uniform):
+  if not (on_importance or on_uniform) or model.logits_fn is None:
     return None
   score = lambda _: _scores_of(plan, model, state.inner, rows)
   unused = lambda _: jnp.zeros((jax.tree.leaves(rows)[0].shape[0],), jnp.float32)
@@ -353,10 +353,20 @@ def _sized_step(plan, model, state, batch, key, active, static, n_scored,
                                      n_scored, n_train),
       lambda own: _choose_uniform(plan, own, n_train), own)
   rows = plan.placement.gather(batch, choice.positions)
+  weights = choice.weights
+  if plan.example_weights is not None:   # the loader's own weights
+    weights = weights * jnp.asarray(plan.example_weights(rows), jnp.float32)
   trained = _score_before_update(plan, model, state, rows, static, active)
-  out = model.train_step(state.inner, rows, choice.weights)
+  out = model.train_step(state.inner, rows, weights)
   inner, metrics, logits = _check_train_step_output(state.inner, out, n_train)
-  if trained is not None and logits is not None and not plan.score.per_parameter:
+  if any(_needs_trained_scores(plan, static)) and model.logits_fn is None:
+    if logits is None:
+      raise ValueError(
+          "The score table keeps the trained examples' scores, and without a "
+          "logits_fn they can only come from the train step: return its "
+          f"logits under metrics[{LOGITS_KEY!r}], or pass logits_fn.")
+    trained = _scores_of(plan, model, None, rows, logits)
+  elif trained is not None and logits is not None and not plan.score.per_parameter:
     # Free: the step's own logits.
     trained = _scores_of(plan, model, None, rows, logits)
   own = _record(plan, choice, static, active, batch, rows, trained, state.step)
@@ -481,6 +491,7 @@ def importance_step(
     loss: Union[str, Callable[[Array, Array], Array]] = "softmax_cross_entropy",
     labels: Union[str, int, Callable[[PyTree], Array]] = "label",
     mask: Union[None, str, Callable[[PyTree], Array]] = None,
+    example_weights: Union[None, str, Callable[[PyTree], Array]] = None,
     score: Union[str, Callable[..., Array], _scores.Score] = "upper_bound",
     tau_threshold: Optional[float] = None,
     tau_momentum: Optional[float] = None,
@@ -553,6 +564,10 @@ def importance_step(
       mask over the loss's positions, e.g. ``[n, T]`` for a sequence model's
       logits ``[n, T, V]`` and tokens ``[n, T]``: padded positions (0) add
       nothing to the loss or the score; the closed-form norms stay.
+    example_weights: the batch key (or ``batch -> [n]``) of weights your
+      loader gives each example, multiplied into the importance weights the
+      ``train_step`` receives (e.g. the rescaling of a loader that pruned
+      examples itself, :func:`jis.infobatch_epoch`).
     score: ``"upper_bound"`` (norm of the loss gradient w.r.t. the logits),
       ``"loss"``, ``"gradient_norm"`` (exact per-example parameter-gradient
       norm; a costly reference), ``"reducible_loss"`` (RHO-LOSS, needs
@@ -633,7 +648,8 @@ def importance_step(
   """
   plan = _plan.make(
       train_step, logits_fn, batch_size=batch_size, presample=presample,
-      loss=loss, labels=labels, mask=mask, score=score,
+      loss=loss, labels=labels, mask=mask, example_weights=example_weights,
+      score=score,
       tau_threshold=tau_threshold,
       tau_momentum=tau_momentum, k=k, smooth=smooth,
       adaptive_smooth=adaptive_smooth, score_transforms=score_transforms,

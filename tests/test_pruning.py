@@ -1,0 +1,198 @@
+"""InfoBatch in jis: the in-step policy, the loader's epoch, the stale mode.
+
+The statistical claims (unbiased rescaled updates) are checked against numpy
+references by Monte Carlo with fixed seeds and tolerances in standard errors.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jis
+
+DIM, CLASSES = 5, 3
+LR = 0.5
+
+
+def _train_step(params, batch, weights):
+  def loss_fn(p):
+    logits = batch["x"] @ p
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return jnp.mean(weights * losses), logits
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return params - LR * grads, {"loss": loss, "is/logits": logits,
+                               "weights": weights}
+
+
+def _data(n, seed=0):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  return {"x": jax.random.normal(kx, (n, DIM)),
+          "label": jax.random.randint(ky, (n,), 0, CLASSES),
+          "index": jnp.arange(n)}
+
+
+def _params(seed=1):
+  return 0.5 * jax.random.normal(jax.random.key(seed), (DIM, CLASSES))
+
+
+# ---------------------------------------------------------------- the policy
+
+
+def test_the_policy_keeps_below_mean_examples_at_1_minus_prune_odds():
+  policy = jis.infobatch(prune=0.75)
+  scores = jnp.array([0.1, 0.2, 0.3, 5.0, 6.0, 0.2])   # mean 1.97: 4 below
+  sel = policy.select(jax.random.key(0), scores, policy.init(6, 2), 2)
+  np.testing.assert_allclose(sel.probs, np.array([.25, .25, .25, 1, 1, .25])
+                             / 3.0, rtol=1e-6)
+  assert len(set(sel.indices.tolist())) == 2   # without replacement
+
+
+@pytest.mark.parametrize("prune", [0.5, 0.8])
+def test_the_rescaled_update_is_unbiased(prune):
+  # E over draws of the step's update equals one step on the presample's mean
+  # gradient (brute force: numpy over 20000 vmapped draws).
+  big_b, b, draws = 12, 4, 20000
+  sampler = jis.importance_step(_train_step, lambda p, batch: batch["x"] @ p,
+                                batch_size=b, presample=big_b / b,
+                                tau_threshold=0.0,
+                                policy=jis.infobatch(prune))
+  batch, params = _data(big_b), _params()
+  keys = jax.random.split(jax.random.key(42), draws)
+  states = jax.vmap(lambda k: sampler.init(params, k))(keys)
+  new, metrics = jax.jit(jax.vmap(sampler.step, in_axes=(0, None)))(states, batch)
+  updates = np.asarray(new.inner - params, np.float64).reshape(draws, -1)
+  full, _ = _train_step(params, batch, jnp.ones(big_b))
+  reference = np.asarray(full - params, np.float64).ravel()
+  mean, stderr = updates.mean(0), updates.std(0) / np.sqrt(draws)
+  assert np.all(np.abs(mean - reference) < 4.5 * stderr + 1e-7)
+  assert np.linalg.norm(mean - reference) < 0.03 * np.linalg.norm(reference)
+  # Not a uniform draw in disguise: below-mean examples weigh more.
+  w = np.asarray(metrics["weights"])
+  assert w.max() / w.min() > 1.5
+
+
+def test_annealing_trains_uniformly_with_weight_one():
+  policy = jis.infobatch(prune=0.5, anneal_step=2)
+  scores = jnp.array([0.1, 0.2, 5.0, 6.0])
+  state = policy.init(4, 2)
+  seen = []
+  for t in range(4):
+    sel = policy.select(jax.random.key(t), scores, state, 2)
+    state = sel.state
+    seen.append((np.asarray(sel.probs), np.asarray(sel.weights)))
+  assert not np.allclose(seen[1][0], 0.25)
+  for probs, weights in seen[2:]:
+    np.testing.assert_allclose(probs, 0.25)
+    np.testing.assert_array_equal(weights, 1.0)
+
+
+# ---------------------------------------------------------------- the loader
+
+
+def test_the_epoch_weights_are_unbiased_and_skip_pruned_examples():
+  scores = np.random.default_rng(0).exponential(size=50)
+  scored = np.ones(50, bool)
+  scored[:5] = False                      # never scored: always kept
+  low = scored & (scores < scores[scored].mean())
+  total = np.zeros(50)
+  lengths = []
+  for epoch in range(4000):
+    order, weights = jis.infobatch_epoch(scores, scored, prune=0.5,
+                                         seed=(7, epoch))
+    assert len(set(order.tolist())) == len(order)   # each at most once
+    np.add.at(total, order, weights)
+    lengths.append(len(order))
+  # Every example's mean weight over epochs is 1 (binomial: sd 1/sqrt(n)).
+  mean = total / 4000
+  np.testing.assert_allclose(mean[~low], 1.0)
+  assert np.all(np.abs(mean[low] - 1.0) < 4.5 / np.sqrt(4000))
+  # The epoch is shorter by prune times the below-mean share.
+  assert np.mean(lengths) == pytest.approx(50 - 0.5 * low.sum(), rel=0.01)
+
+
+def test_an_annealed_epoch_keeps_everything_with_weight_one():
+  order, weights = jis.infobatch_epoch(np.arange(10.0), prune=0.5, seed=0,
+                                       anneal=True)
+  assert sorted(order.tolist()) == list(range(10))
+  np.testing.assert_array_equal(weights, 1.0)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: jis.infobatch(prune=1.0), r"infobatch\(prune\) must be a number in \[0, 1\)"),
+    (lambda: jis.infobatch(anneal_step=-1), r"infobatch\(anneal_step\)"),
+    (lambda: jis.infobatch_epoch(np.ones((2, 2))), "one score per example"),
+    (lambda: jis.infobatch_epoch(np.ones(3), np.ones(2, bool)),
+     r"scored\) must have the scores' shape"),
+])
+def test_bad_arguments_name_the_fix(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+# ---------------------------------------------------------------- the stale mode
+
+
+def _stale_sampler(**kw):
+  return jis.importance_step(_train_step, kw.pop("logits_fn", None),
+                             batch_size=4, presample=3.0,
+                             score_table=jis.stale_scores(40),
+                             policy=jis.infobatch(0.5), **kw)
+
+
+def test_no_logits_fn_with_a_table_reads_the_train_step_logits():
+  sampler = _stale_sampler()
+  state = sampler.init(_params(), jax.random.key(0))
+  data = _data(40)
+  state, metrics = jax.jit(sampler.step)(state, jis.Indexed(data, jnp.arange(12)))
+  assert int(np.sum(np.asarray(state.table.scored_at) == 0)) >= 1
+
+  def no_logits(params, batch, weights):
+    params, metrics = _train_step(params, batch, weights)
+    del metrics["is/logits"]
+    return params, metrics
+  bad = jis.importance_step(no_logits, None, batch_size=4, presample=3.0,
+                            score_table=jis.stale_scores(40))
+  with pytest.raises(ValueError, match=r"return its logits under metrics\['is/logits'\]"):
+    jax.jit(bad.step)(bad.init(_params(), jax.random.key(0)),
+                      jis.Indexed(data, jnp.arange(12)))
+  with pytest.raises(ValueError, match="logits_fn is required"):
+    jis.importance_step(_train_step, None, batch_size=4)
+
+
+def test_example_weights_multiply_the_importance_weights():
+  sampler = jis.importance_step(_train_step, None, batch_size=4, presample=1.0,
+                                score_table=jis.stale_scores(40),
+                                condition=jis.never(), example_weights="weight")
+  batch = {**jax.tree.map(lambda x: x[:4], _data(40)),
+           "weight": jnp.array([1.0, 2.0, 1.0, 2.0])}
+  state, metrics = jax.jit(sampler.step)(
+      sampler.init(_params(), jax.random.key(0)), batch)
+  np.testing.assert_array_equal(metrics["weights"], batch["weight"])
+  np.testing.assert_array_equal(np.asarray(state.table.scored_at)[:4], 0)
+
+
+def test_the_stale_mode_on_8_devices_equals_one_device():
+  mesh = jax.make_mesh((8,), ("data",))
+  data = _data(64)
+
+  def run(mesh):
+    sampler = jis.importance_step(_train_step, None, batch_size=8,
+                                  presample=2.0, score="loss",
+                                  score_table=jis.stale_scores(64),
+                                  policy=jis.infobatch(0.5), mesh=mesh)
+    state = sampler.init(_params(), jax.random.PRNGKey(0))
+    step = jax.jit(sampler.step)
+    for t in range(6):
+      idx = jax.random.permutation(jax.random.key(t), 64)[:16]
+      batch = jax.tree.map(lambda x: x[idx], data)
+      if mesh is not None:
+        batch = jis.shard_presample(batch, mesh)
+      state, _ = step(state, batch)
+    return state
+  one, eight = run(None), run(mesh)
+  np.testing.assert_allclose(eight.inner, one.inner, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(eight.table.scores, one.table.scores, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_array_equal(eight.table.scored_at, one.table.scored_at)
