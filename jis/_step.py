@@ -311,6 +311,28 @@ def _score_before_update(plan, model, state, rows, static, active):
                  score if on_uniform else unused, None)
 
 
+def _trained_scores(plan, model, static, rows, before, logits):
+  """The trained examples' scores where something keeps them (else None):
+  from the step's own logits (free), else the forward pass before it."""
+  if not any(_needs_trained_scores(plan, static)):
+    return None
+  if logits is not None and not plan.score.per_parameter:
+    return _scores_of(plan, model, None, rows, logits)
+  if before is None:   # no logits_fn
+    raise ValueError(
+        "The score table keeps the trained examples' scores, and without a "
+        "logits_fn they can only come from the train step: return its "
+        f"logits under metrics[{LOGITS_KEY!r}], or pass logits_fn.")
+  return before
+
+
+def _moving_tau(plan, tau: Array, measured: Array, active) -> Array:
+  """τ's moving average over importance steps; the first sets it."""
+  m = plan.tau_momentum
+  updated = jnp.where(tau > 0, m * tau + (1 - m) * measured, measured)
+  return jnp.where(active, updated, tau)
+
+
 def _record(plan, choice, static, active, batch, rows, trained, step):
   """Keeps the trained examples' scores where something needs them: the score
   table (unless this step wrote the whole presample's) and a policy that
@@ -356,25 +378,13 @@ def _sized_step(plan, model, state, batch, key, active, static, n_scored,
   weights = choice.weights
   if plan.example_weights is not None:   # the loader's own weights
     weights = weights * jnp.asarray(plan.example_weights(rows), jnp.float32)
-  trained = _score_before_update(plan, model, state, rows, static, active)
+  before = _score_before_update(plan, model, state, rows, static, active)
   out = model.train_step(state.inner, rows, weights)
   inner, metrics, logits = _check_train_step_output(state.inner, out, n_train)
-  if any(_needs_trained_scores(plan, static)) and model.logits_fn is None:
-    if logits is None:
-      raise ValueError(
-          "The score table keeps the trained examples' scores, and without a "
-          "logits_fn they can only come from the train step: return its "
-          f"logits under metrics[{LOGITS_KEY!r}], or pass logits_fn.")
-    trained = _scores_of(plan, model, None, rows, logits)
-  elif trained is not None and logits is not None and not plan.score.per_parameter:
-    # Free: the step's own logits.
-    trained = _scores_of(plan, model, None, rows, logits)
+  trained = _trained_scores(plan, model, static, rows, before, logits)
   own = _record(plan, choice, static, active, batch, rows, trained, state.step)
   draw = choice.draw
-  m = plan.tau_momentum
-  measured = jnp.where(state.tau > 0, m * state.tau + (1 - m) * draw.tau,
-                       draw.tau)
-  tau = jnp.where(active, measured, state.tau)
+  tau = _moving_tau(plan, state.tau, draw.tau, active)
   new_state = ImportanceState(inner, state.key, state.step + 1, tau, *own)
   return new_state, {
       **metrics, "is/tau": tau, "is/active": jnp.asarray(active, jnp.float32),
