@@ -232,7 +232,7 @@ def compile_chunks(loop: Loop, statistics, aug_key, sizes, *, source,
   return {n: jax.jit(functools.partial(train_chunk, num_steps=n,
                                        source=source, **static),
                      donate_argnums=0)
-          .lower(loop, source.probe(), statistics, aug_key).compile()
+          .lower(loop, source.probe(n), statistics, aug_key).compile()
           for n in sorted(sizes)}
 
 
@@ -357,12 +357,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   config.keep_checkpoints)
   resumed = ckpt.restore_latest(jis_state)
-  position, train_seconds = (0, 0), 0.0
+  position, train_seconds = None, 0.0
   if resumed:
     jis_state, position, train_seconds = resumed
-    logging.info("Resumed from %s at step %d (data epoch %d, offset %d, "
-                 "%.1f s of training).", workdir, int(jis_state.step),
-                 *position, train_seconds)
+    logging.info("Resumed from %s at step %d (data epoch %d, %.1f s of "
+                 "training).", workdir, int(jis_state.step),
+                 position["epoch"], train_seconds)
   start_step = int(jis_state.step)
   writer = metric_writer.MetricWriter(
       workdir, is_main, keep_until_step=start_step if resumed else None)
@@ -406,12 +406,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       clocks.train.start()
       while not done:
         n = min(k, schedule.stop_step - step)
-        loop, metrics = chunk_fns[n](loop, source.next_input(), statistics,
-                                     aug_key)
+        loop, metrics = chunk_fns[n](loop, source.next_input(step, n, loop.jis),
+                                     statistics, aug_key)
         if pending is not None:
           jax.block_until_ready(pending)   # keep one chunk in flight, no more
         pending, prev, step = metrics, step, step + n
-        source.consumed(n)
         bar.update(n)
         actions = schedule.after_dispatch(prev, step, clocks.agreed())
         done = actions.stop
