@@ -3,7 +3,8 @@ stream from host memory.
 
 The two sources draw their epochs differently (on the device, data epoch
 ``e`` is :func:`input_pipeline.epoch_permutation` of ``(key, e)``, inside the
-program; streamed, an epoch is a numpy permutation of ``(seed, e)``), so they visit the examples in different orders; each
+program; streamed, an epoch is a numpy permutation of ``(seed, e)``, or what a
+pruning loader keeps), so they visit the examples in different orders; each
 is a pure function of the seed, and batches never straddle epochs. The
 training loop sees one interface:
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from experiments import input_pipeline
 from experiments import placement as placement_lib
+from experiments import pruning
 
 
 class Position(struct.PyTreeNode):
@@ -111,6 +113,7 @@ class Shuffled:
   epoch)`` (:func:`input_pipeline.shuffled_epoch`)."""
 
   kind = "shuffled"
+  reads_table = False   # the order needs nothing from the training state
   weighted = False
 
   def __init__(self, num_examples: int, seed: int):
@@ -133,9 +136,10 @@ class Streamed:
   """Presamples streamed from host memory by Grain, one epoch at a time.
 
   ``epochs`` draws each data epoch (an :class:`input_pipeline.Epoch`: the
-  order, and weights when a loader prunes): :class:`Shuffled`, with ``draw(epoch,
+  order, and weights when a loader prunes): :class:`Shuffled` or
+  :class:`experiments.pruning.InfoBatchEpochs`, each with ``draw(epoch,
   first_step, state)``, ``save(epochs)`` (JSON) and ``restore(epoch,
-  saved)``, and ``kind`` and ``weighted``;
+  saved)``, and ``kind``, ``reads_table`` and ``weighted``;
   :func:`input_pipeline.presamples`
   makes it a ``grain.MapDataset`` of this process's rows of each presample,
   which a Grain iterator reads ahead in a background thread. A chunk of
@@ -143,13 +147,19 @@ class Streamed:
   the epoch and the Grain iterator's state (``get_state()``) after them,
   plus what ``epochs`` needs to draw the epochs already drawn again.
 
-  Every process walks the same epochs (the same seed) and loads only its own devices' block of rows of each
+  Every process walks the same epochs (the same seed, and the same table for
+  a pruning loader) and loads only its own devices' block of rows of each
   presample, so the global batch, and the checkpoint, do not depend on the
   number of processes. (Grain's per-process sharding, ``ShardByJaxProcess``,
   splits the examples instead: each process would draw its own ``B/P`` rows,
   so the run would depend on the process count and a checkpoint would not
   resume on another.)
 
+  An epoch whose order needs the training state (``epochs.reads_table``) is
+  drawn at the chunk boundary at a multiple of ``steps_per_dispatch`` (the
+  loop dispatches from those) before the dispatch in which it begins, from
+  the state there; a checkpoint holds every epoch already drawn, so a run
+  resumed anywhere draws the same epochs at the same steps.
   """
 
   _READ_THREADS = 1    # loading is a numpy gather from host memory
@@ -195,6 +205,23 @@ class Streamed:
     if state is not None:
       self._iterator.set_state(state)
 
+  def _steps_left(self) -> int:
+    if self._iterator is None:
+      return 0
+    return (self._epoch.steps(self._size)
+            - self._iterator.get_state()["next_index"])
+
+  def _draw_ahead(self, step: int, state) -> None:
+    """Draws every epoch that begins before the next multiple of
+    ``steps_per_dispatch``, from ``state`` (the state at ``step``)."""
+    begins = step + self._steps_left() + sum(
+        e.steps(self._size) for e in self._ahead)
+    while begins < step + self._k:
+      index = self._index + len(self._ahead) + (self._epoch is not None)
+      epoch = self._epochs.draw(index, begins, state)
+      self._ahead.append(epoch)
+      begins += max(1, epoch.steps(self._size))   # an empty epoch fails later
+
   def _next(self, step: int, state) -> Dict[str, np.ndarray]:
     while True:
       if self._iterator is not None:
@@ -203,6 +230,8 @@ class Streamed:
         except StopIteration:
           self._iterator.close()
           self._index += 1
+      # Drawn ahead when it reads the table; else now (a run resumed with
+      # another steps_per_dispatch draws here, from the chunk's first state).
       epoch = (self._ahead.pop(0) if self._ahead
                else self._epochs.draw(self._index, step, state))
       self._open(epoch)
@@ -211,6 +240,8 @@ class Streamed:
     return ()
 
   def next_input(self, step: int, n: int, state):
+    if self._epochs.reads_table and step % self._k == 0:
+      self._draw_ahead(step, state)
     rows = [self._next(step + i, state) for i in range(n)]
     local = {k: np.stack([r[k] for r in rows]) for k in self._shapes}
     return self._placement.global_chunk(local, self._size)
@@ -243,20 +274,26 @@ def _check_kind(position: Dict[str, Any], kind: str) -> None:
     raise ValueError(
         f"The checkpoint's data position was written by a {written!r} batch "
         f"source, and this run's is {kind!r}: the two read the examples in "
-        "different orders. Resume with the same --config.data_on_device as "
-        "the run that wrote it, or start a new workdir.")
+        "different orders. Resume with the same --config.data_on_device and "
+        "--config.pruning as the run that wrote it, or start a new workdir.")
 
 
 def create(config, split, key: jax.Array, size: int,
            placement: placement_lib.Placement,
-           position: Optional[Dict[str, Any]]):
+           position: Optional[Dict[str, Any]], steps_per_epoch: float):
   """The source ``config.data_on_device`` asks for, from a checkpoint's data
-  ``position`` (None: the start). Streamed epochs are :class:`Shuffled`,
-  from a seed drawn from ``key``."""
+  ``position`` (None: the start). Streamed epochs are :class:`Shuffled`, or
+  pruned by the loader (``config.pruning``, :mod:`experiments.pruning`), from
+  a seed drawn from ``key``; ``steps_per_epoch`` places the annealing."""
   if config.data_on_device:
     return OnDevice(split, key, size, placement, position)
   n = len(split["label"])
   seed = int(jax.device_get(jax.random.bits(key, dtype=jnp.uint32)))
-  epochs = Shuffled(n, seed)
+  if pruning.method(config) == "infobatch":
+    epochs = pruning.InfoBatchEpochs(
+        n, seed, config.pruning.prune,
+        pruning.anneal_step(config, steps_per_epoch))
+  else:
+    epochs = Shuffled(n, seed)
   return Streamed(split, epochs, size, max(1, int(config.steps_per_dispatch)),
                   placement, position)
