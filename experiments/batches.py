@@ -1,23 +1,27 @@
 """Where each step's presample comes from: the split on the devices, or a
 stream from host memory.
 
-Both sources visit the examples in the same order (data epoch ``e`` is
-:func:`input_pipeline.epoch_permutation` of ``(key, e)``; batches never
-straddle epochs), so a streamed run equals an on-device run. The training
-loop sees one interface:
+The two sources draw their epochs differently (on the device, data epoch
+``e`` is :func:`input_pipeline.epoch_permutation` of ``(key, e)``, inside the
+program; streamed, an epoch is a numpy permutation of ``(seed, e)``, or what a
+pruning loader keeps), so they visit the examples in different orders; each
+is a pure function of the seed, and batches never straddle epochs. The
+training loop sees one interface:
 
 - ``carry()``: what the jitted chunk carries from step to step (the on-device
   position);
-- ``next_input()``: the argument of the next chunk's program, and
-  ``probe()`` its shape, to compile the program before the clock starts;
+- ``next_input(step, n, state)``: the argument of the program for the ``n``
+  steps from ``step`` (``state``, the jis state before them, is read only by
+  a loader whose epochs depend on it), and ``probe(n)`` its shape, to compile
+  the program before the clock starts;
 - ``take(carry, fed, i)``, inside ``jit``: the ``i``-th presample of the chunk
   (with its dataset ``index``, for ``jis.stale_scores``) and the new carry;
-- ``consumed(n)``: the chunk's first ``n`` presamples were trained on;
-- ``position(carry)``: the ``(epoch, offset)`` to checkpoint;
+- ``position(carry)``: the data position to checkpoint, JSON (the source
+  starts from it when a run resumes);
 - ``device_split``: the training split on the devices, or None.
 """
 
-from typing import Any, NamedTuple, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 from flax import struct
 import jax
@@ -26,6 +30,7 @@ import numpy as np
 
 from experiments import input_pipeline
 from experiments import placement as placement_lib
+from experiments import pruning
 
 
 class Position(struct.PyTreeNode):
@@ -47,8 +52,15 @@ class OnDevice:
   presample inside the jitted program, so the hot loop copies nothing from
   the host."""
 
+  kind = "device"
+
   def __init__(self, split, key: jax.Array, size: int,
-               placement: placement_lib.Placement, epoch: int, offset: int):
+               placement: placement_lib.Placement,
+               position: Optional[Dict[str, Any]]):
+    epoch, offset = 0, 0
+    if position:
+      _check_kind(position, self.kind)
+      epoch, offset = int(position["epoch"]), int(position["offset"])
     self._n, self._size = len(split["label"]), size
     self._split = Split(jax.device_put(split, placement.replicated), key)
     perm = jax.jit(input_pipeline.epoch_permutation, static_argnums=2)(
@@ -65,10 +77,12 @@ class OnDevice:
   def carry(self) -> Position:
     return self._start
 
-  def next_input(self) -> Split:
+  def next_input(self, step: int, n: int, state) -> Split:
+    del step, n, state
     return self._split
 
-  def probe(self) -> Split:
+  def probe(self, n: int) -> Split:
+    del n
     return self._split
 
   def take(self, carry: Position, fed: Split, i) -> Tuple[dict, Position]:
@@ -85,65 +99,201 @@ class OnDevice:
     batch["index"] = idx
     return batch, Position(epoch=epoch, offset=start + self._size, perm=perm)
 
-  def consumed(self, n: int) -> None:
-    del n
-
-  def position(self, carry: Position) -> Tuple[jax.Array, jax.Array]:
-    return carry.epoch, carry.offset
+  def position(self, carry: Position) -> Dict[str, Any]:
+    return {"source": self.kind,
+            "epoch": int(placement_lib.fetch_replicated(carry.epoch)),
+            "offset": int(placement_lib.fetch_replicated(carry.offset))}
 
   def close(self) -> None:
     pass
 
 
-class Streamed:
-  """Chunks of ``k`` presamples from host memory, prefetched by a thread
-  (:class:`input_pipeline.HostStream`); each process loads only its own
-  devices' rows of every presample."""
+class Shuffled:
+  """Uniform epochs: every example once, in an order drawn from ``(seed,
+  epoch)`` (:func:`input_pipeline.shuffled_epoch`)."""
 
-  def __init__(self, split, key: jax.Array, size: int, chunk_steps: int,
-               placement: placement_lib.Placement, epoch: int, offset: int):
-    self._size, self._placement = size, placement
-    self._shapes = {k: ((chunk_steps, size) + v.shape[1:], v.dtype)
-                    for k, v in split.items()}
-    self._shapes["index"] = ((chunk_steps, size), np.dtype(np.int32))
-    self._stream = input_pipeline.HostStream(
-        split, key, size, chunk_steps, epoch=epoch, offset=offset,
-        rows=placement.process_rows(size))
-    self._position, self._next_positions = (epoch, offset), None
+  kind = "shuffled"
+  reads_table = False   # the order needs nothing from the training state
+  weighted = False
+
+  def __init__(self, num_examples: int, seed: int):
+    self._n, self._seed = num_examples, seed
+
+  def draw(self, epoch: int, first_step: int, state) -> input_pipeline.Epoch:
+    del first_step, state
+    return input_pipeline.shuffled_epoch(self._n, self._seed, epoch)
+
+  def save(self, epochs) -> Dict[str, Any]:
+    del epochs
+    return {}
+
+  def restore(self, epoch: int, saved: Dict[str, Any]) -> list:
+    del saved
+    return [self.draw(epoch, 0, None)]
+
+
+class Streamed:
+  """Presamples streamed from host memory by Grain, one epoch at a time.
+
+  ``epochs`` draws each data epoch (an :class:`input_pipeline.Epoch`: the
+  order, and weights when a loader prunes): :class:`Shuffled` or
+  :class:`experiments.pruning.InfoBatchEpochs`, each with ``draw(epoch,
+  first_step, state)``, ``save(epochs)`` (JSON) and ``restore(epoch,
+  saved)``, and ``kind``, ``reads_table`` and ``weighted``;
+  :func:`input_pipeline.presamples`
+  makes it a ``grain.MapDataset`` of this process's rows of each presample,
+  which a Grain iterator reads ahead in a background thread. A chunk of
+  ``n`` steps takes the next ``n`` presamples; the position to checkpoint is
+  the epoch and the Grain iterator's state (``get_state()``) after them,
+  plus what ``epochs`` needs to draw the epochs already drawn again.
+
+  Every process walks the same epochs (the same seed, and the same table for
+  a pruning loader) and loads only its own devices' block of rows of each
+  presample, so the global batch, and the checkpoint, do not depend on the
+  number of processes. (Grain's per-process sharding, ``ShardByJaxProcess``,
+  splits the examples instead: each process would draw its own ``B/P`` rows,
+  so the run would depend on the process count and a checkpoint would not
+  resume on another.)
+
+  An epoch whose order needs the training state (``epochs.reads_table``) is
+  drawn at the chunk boundary at a multiple of ``steps_per_dispatch`` (the
+  loop dispatches from those) before the dispatch in which it begins, from
+  the state there; a checkpoint holds every epoch already drawn, so a run
+  resumed anywhere draws the same epochs at the same steps.
+  """
+
+  _READ_THREADS = 1    # loading is a numpy gather from host memory
+
+  def __init__(self, split, epochs, size: int, chunk_steps: int,
+               placement: placement_lib.Placement,
+               position: Optional[Dict[str, Any]]):
+    self._epochs, self._size, self._k = epochs, size, chunk_steps
+    self._placement = placement
+    self._rows = placement.process_rows(size)
+    self._read = input_pipeline.ReadRows(split)
+    self._shapes = {k: (size,) + v.shape[1:] for k, v in split.items()}
+    self._dtypes = {k: v.dtype for k, v in split.items()}
+    self._shapes["index"], self._dtypes["index"] = (size,), np.dtype(np.int32)
+    if epochs.weighted:
+      self._shapes["weight"], self._dtypes["weight"] = (size,), np.dtype(
+          np.float32)
+    self._kind = f"grain:{epochs.kind}"
+    # The epoch being read (its index, Epoch and Grain iterator), then the
+    # epochs drawn ahead of it.
+    self._index, self._epoch, self._iterator, self._ahead = 0, None, None, []
+    if position:
+      _check_kind(position, self._kind)
+    if position and position["iterator"] is not None:
+      self._index = int(position["epoch"])
+      drawn = epochs.restore(self._index, position)
+      self._open(drawn[0], position["iterator"])
+      self._ahead = drawn[1:]
 
   device_split = None
+
+  def _open(self, epoch: input_pipeline.Epoch, state=None) -> None:
+    import grain  # pylint: disable=g-import-not-at-top
+    if epoch.steps(self._size) == 0:
+      raise ValueError(
+          f"Data epoch {self._index} holds {len(epoch.order)} examples, "
+          f"fewer than one presample ({self._size}).")
+    self._epoch = epoch
+    self._iterator = iter(input_pipeline.presamples(
+        epoch, self._size, self._rows, self._read).to_iter_dataset(
+            grain.ReadOptions(num_threads=self._READ_THREADS,
+                              prefetch_buffer_size=2 * self._k)))
+    if state is not None:
+      self._iterator.set_state(state)
+
+  def _steps_left(self) -> int:
+    if self._iterator is None:
+      return 0
+    return (self._epoch.steps(self._size)
+            - self._iterator.get_state()["next_index"])
+
+  def _draw_ahead(self, step: int, state) -> None:
+    """Draws every epoch that begins before the next multiple of
+    ``steps_per_dispatch``, from ``state`` (the state at ``step``)."""
+    begins = step + self._steps_left() + sum(
+        e.steps(self._size) for e in self._ahead)
+    while begins < step + self._k:
+      index = self._index + len(self._ahead) + (self._epoch is not None)
+      epoch = self._epochs.draw(index, begins, state)
+      self._ahead.append(epoch)
+      begins += max(1, epoch.steps(self._size))   # an empty epoch fails later
+
+  def _next(self, step: int, state) -> Dict[str, np.ndarray]:
+    while True:
+      if self._iterator is not None:
+        try:
+          return next(self._iterator)
+        except StopIteration:
+          self._iterator.close()
+          self._index += 1
+      # Drawn ahead when it reads the table; else now (a run resumed with
+      # another steps_per_dispatch draws here, from the chunk's first state).
+      epoch = (self._ahead.pop(0) if self._ahead
+               else self._epochs.draw(self._index, step, state))
+      self._open(epoch)
 
   def carry(self) -> tuple:
     return ()
 
-  def next_input(self):
-    local, self._next_positions = self._stream.next()
+  def next_input(self, step: int, n: int, state):
+    if self._epochs.reads_table and step % self._k == 0:
+      self._draw_ahead(step, state)
+    rows = [self._next(step + i, state) for i in range(n)]
+    local = {k: np.stack([r[k] for r in rows]) for k in self._shapes}
     return self._placement.global_chunk(local, self._size)
 
-  def probe(self):
+  def probe(self, n: int):
     sharding = self._placement.chunk_sharding(self._size)
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-            for k, (shape, dtype) in self._shapes.items()}
+    return {k: jax.ShapeDtypeStruct((n,) + shape, self._dtypes[k],
+                                    sharding=sharding)
+            for k, shape in self._shapes.items()}
 
   def take(self, carry: tuple, fed, i) -> Tuple[dict, tuple]:
     return jax.tree.map(lambda x: x[i], fed), carry
 
-  def consumed(self, n: int) -> None:
-    self._position = self._next_positions[n - 1]
-
-  def position(self, carry: tuple) -> Tuple[np.int32, np.int32]:
+  def position(self, carry: tuple) -> Dict[str, Any]:
     del carry
-    return np.int32(self._position[0]), np.int32(self._position[1])
+    if self._iterator is None:   # nothing read yet
+      return {"source": self._kind, "epoch": 0, "iterator": None}
+    return {"source": self._kind, "epoch": self._index,
+            "iterator": self._iterator.get_state(),
+            **self._epochs.save([self._epoch] + self._ahead)}
 
   def close(self) -> None:
-    self._stream.close()
+    if self._iterator is not None:
+      self._iterator.close()
+
+
+def _check_kind(position: Dict[str, Any], kind: str) -> None:
+  written = position.get("source")
+  if written != kind:
+    raise ValueError(
+        f"The checkpoint's data position was written by a {written!r} batch "
+        f"source, and this run's is {kind!r}: the two read the examples in "
+        "different orders. Resume with the same --config.data_on_device and "
+        "--config.pruning as the run that wrote it, or start a new workdir.")
 
 
 def create(config, split, key: jax.Array, size: int,
-           placement: placement_lib.Placement, position: Tuple[int, int]):
-  """The source ``config.data_on_device`` asks for, from data position
-  ``(epoch, offset)``."""
+           placement: placement_lib.Placement,
+           position: Optional[Dict[str, Any]], steps_per_epoch: float):
+  """The source ``config.data_on_device`` asks for, from a checkpoint's data
+  ``position`` (None: the start). Streamed epochs are :class:`Shuffled`, or
+  pruned by the loader (``config.pruning``, :mod:`experiments.pruning`), from
+  a seed drawn from ``key``; ``steps_per_epoch`` places the annealing."""
   if config.data_on_device:
-    return OnDevice(split, key, size, placement, *position)
-  return Streamed(split, key, size, max(1, int(config.steps_per_dispatch)),
-                  placement, *position)
+    return OnDevice(split, key, size, placement, position)
+  n = len(split["label"])
+  seed = int(jax.device_get(jax.random.bits(key, dtype=jnp.uint32)))
+  if pruning.method(config) == "infobatch":
+    epochs = pruning.InfoBatchEpochs(
+        n, seed, config.pruning.prune,
+        pruning.anneal_step(config, steps_per_epoch))
+  else:
+    epochs = Shuffled(n, seed)
+  return Streamed(split, epochs, size, max(1, int(config.steps_per_dispatch)),
+                  placement, position)

@@ -165,14 +165,27 @@ class Cadence:
     """The step budget, or None."""
     return None if self.stop_step == NO_STEP_BUDGET else self.stop_step
 
+  def chunk(self, step: int, steps_per_dispatch: int) -> int:
+    """The number of steps of the dispatch from ``step``: up to the next
+    multiple of ``steps_per_dispatch`` or the step budget. Dispatches start
+    at multiples of it (after a resumption from a step that is not, the
+    first one is shorter), so a resumed run dispatches the same steps
+    together as the uninterrupted one (a pruning loader draws its epochs at
+    those boundaries)."""
+    k = steps_per_dispatch
+    return min(k - step % k, self.stop_step - step)
+
   def chunk_sizes(self, start_step: int, steps_per_dispatch: int) -> set:
     """The dispatch sizes a run from ``start_step`` needs:
-    ``steps_per_dispatch`` and, when the step budget leaves a remainder, the
-    last, shorter chunk."""
-    sizes = {steps_per_dispatch}
-    if self.stop_step != NO_STEP_BUDGET and start_step < self.stop_step:
-      sizes.add((self.stop_step - start_step) % steps_per_dispatch
-                or steps_per_dispatch)
+    ``steps_per_dispatch``, a shorter first one when ``start_step`` is not a
+    multiple of it, and a shorter last one when the step budget is not."""
+    k, step = steps_per_dispatch, start_step
+    sizes = {k}
+    if step < self.stop_step and step % k:
+      sizes.add(self.chunk(step, k))
+      step += self.chunk(step, k)
+    if self.stop_step != NO_STEP_BUDGET and step < self.stop_step:
+      sizes.add((self.stop_step - step) % k or k)
     return sizes
 
   def done(self, step: int, train_seconds: float) -> bool:

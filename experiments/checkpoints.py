@@ -3,9 +3,10 @@
 A checkpoint holds two items: ``state``, the pytree flattened to named arrays
 (:func:`to_saveable`: orbax then saves any node types, and typed PRNG keys as
 their key data), and ``meta``, JSON (the step, the training seconds, the
-batch sizes). Every process takes part in a save; orbax writes to a temporary
-directory and renames it on commit, so a run killed mid-save leaves no step
-that looks complete.
+batch sizes, and under ``"data"`` the batch source's position: for streamed
+data, the Grain iterator's ``get_state()``). Every process takes part in a
+save; orbax writes to a temporary directory and renames it on commit, so a
+run killed mid-save leaves no step that looks complete.
 """
 
 import logging as std_logging
@@ -57,16 +58,16 @@ def from_saveable(flat: Dict[str, Any], template):
 
 
 class Resumed(NamedTuple):
-  """What a run resumes from: the state, the data position ``(epoch,
-  offset)`` and the training clock."""
+  """What a run resumes from: the state, the batch source's data position
+  (JSON) and the training clock."""
   state: Any
-  position: Tuple[int, int]
+  position: Dict[str, Any]
   train_seconds: float
 
 
 class Checkpointer:
-  """Orbax checkpoints of ``{"jis": state, "data": position}`` and JSON
-  metadata in ``directory``, the last ``keep`` kept (0: all)."""
+  """Orbax checkpoints of ``{"jis": state}`` and JSON metadata (with the data
+  position) in ``directory``, the last ``keep`` kept (0: all)."""
 
   def __init__(self, directory: str, keep: int):
     self._mngr = ocp.CheckpointManager(
@@ -97,23 +98,19 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return from_saveable(restored["state"], template), restored["meta"]
 
-  def save_run(self, step: int, state, position, meta: Dict[str, Any]) -> None:
-    """Saves the run's ``state`` and data ``position`` ``(epoch, offset)``."""
-    epoch, offset = position
-    self.save(step, {"jis": state, "data": {"epoch": epoch, "offset": offset}},
-              meta)
+  def save_run(self, step: int, state, position: Dict[str, Any],
+               meta: Dict[str, Any]) -> None:
+    """Saves the run's ``state`` and the batch source's data ``position``
+    (JSON: the same on every process, written once)."""
+    self.save(step, {"jis": state}, {**meta, "data": position})
 
   def restore_latest(self, state) -> Optional[Resumed]:
     """The latest checkpoint onto ``state``'s structure, or None."""
     step = self.latest_step()
     if step is None:
       return None
-    template = {"jis": state, "data": {"epoch": np.int32(0),
-                                       "offset": np.int32(0)}}
-    restored, meta = self.restore(step, template)
-    data = restored["data"]
-    return Resumed(restored["jis"], (int(data["epoch"]), int(data["offset"])),
-                   float(meta["train_seconds"]))
+    restored, meta = self.restore(step, {"jis": state})
+    return Resumed(restored["jis"], meta["data"], float(meta["train_seconds"]))
 
   def close(self) -> None:
     self._mngr.wait_until_finished()

@@ -5,7 +5,8 @@ arrays with the same keys: ``"input"`` (uint8 images ``[N, H, W, C]``, uint8
 pixel sequences ``[N, 784, 1]``, int32 token ids ``[N, maxlen]`` or uint8
 multi-hot rows ``[N, num_words]``) and ``"label"`` (int32 ``[N]``). The
 training loop then either puts them on the device once (MNIST-sized data) or
-streams batches from host memory (:class:`HostStream`).
+streams presamples from host memory through a Grain pipeline
+(:func:`presamples`, one :class:`Epoch` at a time).
 
 Offline, datasets load from a local root (``config.dataset.data_dir`` or the
 environment variable ``JIS_DATA_DIR``) with one folder per dataset, the layout
@@ -31,9 +32,7 @@ import os
 import pickle
 import re
 import tarfile
-import queue
-import threading
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -471,15 +470,12 @@ def check_labels(dataset: Dataset) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Deterministic order and host-side streaming
+# The data order on the device, and the epochs streamed from the host (Grain)
 # ----------------------------------------------------------------------------
 
 def epoch_permutation(key: jax.Array, epoch, n: int) -> jax.Array:
-  """The order of data epoch ``epoch``: a pure function of ``(key, epoch)``.
-
-  Used both inside the jitted program (on-device data) and on the host CPU
-  (:class:`HostStream`), so both paths visit examples in the same order.
-  """
+  """The order of data epoch ``epoch`` on the device: a pure function of
+  ``(key, epoch)``, drawn inside the jitted program."""
   return jax.random.permutation(jax.random.fold_in(key, epoch), n)
 
 
@@ -494,78 +490,56 @@ def advance(epoch, offset, n: int, size: int):
   return jnp.where(new_epoch, epoch + 1, epoch), jnp.where(new_epoch, 0, offset)
 
 
-class HostStream:
-  """Presample batches from host memory, prefetched by a background thread.
+class Epoch(NamedTuple):
+  """One data epoch streamed from the host: the examples to load, in order.
 
-  Streams ``chunk`` batches at a time as ``[chunk, B, ...]`` numpy arrays, in
-  the order :func:`epoch_permutation` gives, from a position ``(epoch,
-  offset)`` that the caller checkpoints.
-
-  With several processes, every one walks the same permutation (the same
-  ``key``) and loads only ``rows``, its slice of each presample: the chunks
-  are then ``[chunk, len(rows), ...]``, the process-local part of the global
-  ``[chunk, B, ...]`` batch.
+  Attributes:
+    order: ``[M]`` dataset indices; each presample is the next ``B`` of them
+      (the last ``M mod B`` are not loaded).
+    weights: ``[M]`` float32 loss weights given with them (a loader that
+      pruned examples rescales the others), or None.
   """
+  order: np.ndarray
+  weights: Optional[np.ndarray] = None
 
-  def __init__(self, split: Split, key: jax.Array, batch: int, chunk: int,
-               epoch: int = 0, offset: int = 0, prefetch: int = 2,
-               rows: Optional[slice] = None):
-    self._rows = slice(None) if rows is None else rows
-    self._split = split
-    self._n = len(next(iter(split.values())))
-    if self._n < batch:
-      raise ValueError(f"The training split has {self._n} examples, fewer than "
-                       f"one presample batch ({batch}).")
-    self._key = key
-    self._batch, self._chunk = batch, chunk
-    self._epoch, self._offset = int(epoch), int(offset)
-    self._perm_epoch, self._perm = None, None
-    self._queue = queue.Queue(maxsize=prefetch)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-    self._thread.start()
+  def steps(self, size: int) -> int:
+    return len(self.order) // size
 
-  def _permutation(self, epoch):
-    if epoch != self._perm_epoch:
-      # This process's CPU (jax.devices("cpu")[0] may be another host's).
-      with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        self._perm = np.asarray(epoch_permutation(self._key, epoch, self._n))
-      self._perm_epoch = epoch
-    return self._perm
 
-  def _make_chunk(self):
-    indices, positions = [], []
-    for _ in range(self._chunk):
-      self._epoch, start = advance(self._epoch, self._offset, self._n,
-                                   self._batch)
-      indices.append(self._permutation(self._epoch)[start:start + self._batch])
-      self._offset = start + self._batch
-      positions.append((self._epoch, self._offset))
-    idx = np.stack(indices)[:, self._rows]
-    batches = {k: v[idx] for k, v in self._split.items()}
-    batches["index"] = idx.astype(np.int32)   # for jis.stale_scores
-    return batches, positions
+def shuffled_epoch(num_examples: int, seed: int, epoch: int) -> Epoch:
+  """Every example once, in the order ``numpy.random.default_rng((seed,
+  epoch))`` permutes them: a pure function of the seed and the epoch.
 
-  def _run(self):
-    try:
-      while not self._stop.is_set():
-        item = self._make_chunk()
-        while not self._stop.is_set():
-          try:
-            self._queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-    except BaseException as e:  # pylint: disable=broad-except
-      self._queue.put(e)
+  (One vectorized permutation per epoch: Grain's ``MapDataset.shuffle`` and
+  ``batch`` work index by index in Python, about 12 times slower here for
+  presamples of hundreds of rows; docs/experiments.md, Data.)
+  """
+  return Epoch(np.random.default_rng((seed, epoch)).permutation(num_examples))
 
-  def next(self):
-    """``(batches [chunk, B, ...], [(epoch, offset) after each batch])``."""
-    item = self._queue.get()
-    if isinstance(item, BaseException):
-      raise item
-    return item
 
-  def close(self):
-    self._stop.set()
-    self._thread.join(timeout=5)
+class ReadRows:
+  """The Grain transform that loads a presample: the split's rows at the
+  element's ``"index"``, added to the element. Only these rows are read."""
+
+  def __init__(self, split: Split):
+    self.split = split
+
+  def __call__(self, element: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    index = element["index"]
+    return {**{k: v[index] for k, v in self.split.items()}, **element}
+
+
+def presamples(epoch: Epoch, size: int, rows: slice, read: ReadRows):
+  """The epoch as a ``grain.MapDataset`` of presamples, one per step: element
+  ``j`` is this process's ``rows`` of the ``j``-th ``size`` examples of
+  ``epoch.order``, loaded by ``read``, with their ``"index"`` (for
+  ``jis.stale_scores``) and ``"weight"`` when the epoch has weights."""
+  import grain  # pylint: disable=g-import-not-at-top  (only streamed runs)
+
+  def rows_of(j: int) -> Dict[str, np.ndarray]:
+    part = slice(j * size + rows.start, j * size + rows.stop)
+    element = {"index": epoch.order[part].astype(np.int32)}
+    if epoch.weights is not None:
+      element["weight"] = epoch.weights[part].astype(np.float32)
+    return element
+  return grain.MapDataset.range(epoch.steps(size)).map(rows_of).map(read)

@@ -96,3 +96,11 @@ class Placement:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(
             sharding, x, (x.shape[0], size) + x.shape[2:]), local)
+
+
+def fetch_replicated(x) -> np.ndarray:
+  """A replicated array's value, from this process's own copy (``np.asarray``
+  of an array on several processes' devices fails, and would move data)."""
+  if isinstance(x, jax.Array):
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)

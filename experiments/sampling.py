@@ -146,10 +146,27 @@ def sampler_kwargs(sampler_cfg: Mapping[str, Any],
   return kwargs
 
 
+def infobatch_loader_step(train_step: Callable, batch_size: int,
+                          num_examples: int, mesh=None) -> jis.ImportanceStep:
+  """The step for epochs an InfoBatch loader pruned (:mod:`experiments.pruning`).
+
+  Uniform over what the loader gives (``B = b``, ``condition=jis.never()``:
+  no scoring pass, no ``logits_fn``), with the loader's rescaling multiplied
+  into the weights (``example_weights="weight"``), and a table of every
+  example's latest loss (``jis.stale_scores``) that the train step's
+  ``"is/logits"`` keep current, for the loader to draw the next epoch from.
+  """
+  kwargs = {} if mesh is None else {"mesh": mesh}
+  return jis.importance_step(
+      train_step, None, batch_size=batch_size, presample=1.0, score="loss",
+      score_table=jis.stale_scores(num_examples), condition=jis.never(),
+      example_weights="weight", **kwargs)
+
+
 def build(sampler_cfg: Mapping[str, Any], train_step: Callable,
           logits_fn: Callable, batch_size: int,
           num_examples: Optional[int] = None,
-          mesh=None) -> Tuple[jis.ImportanceStep, int]:
+          mesh=None, pruning: str = "") -> Tuple[jis.ImportanceStep, int]:
   """``jis.importance_step`` as ``sampler_cfg`` asks, and the presample size B.
 
   ``sampler_cfg.score_dtype`` (when set, e.g. ``"bfloat16"``) wraps
@@ -159,8 +176,12 @@ def build(sampler_cfg: Mapping[str, Any], train_step: Callable,
   ``num_examples`` parameter. With a
   ``mesh`` of several devices, jis's own data parallelism gets it when this
   jis version has it (otherwise XLA partitions the step from the batch's
-  sharding).
+  sharding). ``pruning="infobatch"``: the loader chooses the examples, and
+  the step is :func:`infobatch_loader_step` (``sampler_cfg`` is not used).
   """
+  if pruning == "infobatch":
+    return infobatch_loader_step(train_step, batch_size, num_examples,
+                                 mesh), batch_size
   kwargs = sampler_kwargs(sampler_cfg, {"num_examples": num_examples})
   score_dtype = dict(sampler_cfg).get("score_dtype")
   if not _unset(score_dtype) and logits_fn is not None:

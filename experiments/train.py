@@ -52,6 +52,7 @@ from experiments import metric_writer
 from experiments import models
 from experiments import placement as placement_lib
 from experiments import preprocess as preprocess_lib
+from experiments import pruning
 from experiments import sampling
 from experiments.benchmarks import hlo
 
@@ -232,7 +233,7 @@ def compile_chunks(loop: Loop, statistics, aug_key, sizes, *, source,
   return {n: jax.jit(functools.partial(train_chunk, num_steps=n,
                                        source=source, **static),
                      donate_argnums=0)
-          .lower(loop, source.probe(), statistics, aug_key).compile()
+          .lower(loop, source.probe(n), statistics, aug_key).compile()
           for n in sorted(sizes)}
 
 
@@ -314,6 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> Result:
   """Trains and evaluates as ``config`` says, logging to ``workdir``."""
   cadence.check_budgets(config)
+  pruning.check(config)
   checkpoints.quiet_orbax_logs()
   is_main = jax.process_index() == 0
 
@@ -337,7 +339,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   state = create_train_state(config, create_model(config, dataset),
                              sample["input"], init_key)
   sampler, big_b = sampling.build(config.sampler, train_step, logits_fn, b,
-                                  num_examples=n_train, mesh=placement.mesh)
+                                  num_examples=n_train, mesh=placement.mesh,
+                                  pruning=pruning.method(config))
   if n_train < big_b:
     raise ValueError(f"The training split has {n_train} examples, fewer than "
                      f"one presample batch B = {big_b}; lower batch_size or "
@@ -357,17 +360,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   config.keep_checkpoints)
   resumed = ckpt.restore_latest(jis_state)
-  position, train_seconds = (0, 0), 0.0
+  position, train_seconds = None, 0.0
   if resumed:
     jis_state, position, train_seconds = resumed
-    logging.info("Resumed from %s at step %d (data epoch %d, offset %d, "
-                 "%.1f s of training).", workdir, int(jis_state.step),
-                 *position, train_seconds)
+    logging.info("Resumed from %s at step %d (data epoch %d, %.1f s of "
+                 "training).", workdir, int(jis_state.step),
+                 position["epoch"], train_seconds)
   start_step = int(jis_state.step)
   writer = metric_writer.MetricWriter(
       workdir, is_main, keep_until_step=start_step if resumed else None)
   source = batches.create(config, dataset.train, data_key, big_b, placement,
-                          position)
+                          position, n_train / b)
   loop = jax.device_put(Loop(jis=jis_state, data=source.carry(),
                              first_bad_step=jnp.int32(_NO_BAD_STEP)),
                         placement.replicated)
@@ -405,13 +408,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       done = schedule.done(step, clocks.agreed().train_seconds)
       clocks.train.start()
       while not done:
-        n = min(k, schedule.stop_step - step)
-        loop, metrics = chunk_fns[n](loop, source.next_input(), statistics,
-                                     aug_key)
+        n = schedule.chunk(step, k)
+        loop, metrics = chunk_fns[n](loop, source.next_input(step, n, loop.jis),
+                                     statistics, aug_key)
         if pending is not None:
           jax.block_until_ready(pending)   # keep one chunk in flight, no more
         pending, prev, step = metrics, step, step + n
-        source.consumed(n)
         bar.update(n)
         actions = schedule.after_dispatch(prev, step, clocks.agreed())
         done = actions.stop

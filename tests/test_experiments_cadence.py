@@ -51,8 +51,13 @@ def test_epoch_budget_and_chunk_sizes():
   assert schedule.stop_step == 10 and schedule.total_steps() == 10
   assert schedule.chunk_sizes(0, 4) == {4, 2}
   assert schedule.chunk_sizes(10, 4) == {4}
+  # Resumed at step 3: a dispatch to step 4, then from multiples of 4.
+  assert schedule.chunk_sizes(3, 4) == {1, 4, 2}
+  assert [schedule.chunk(s, 4) for s in (3, 4, 8)] == [1, 4, 2]
   unbounded = cadence.Cadence(_config(train_seconds=5.0), 20.0, 0.0)
-  assert unbounded.total_steps() is None and unbounded.chunk_sizes(3, 4) == {4}
+  assert unbounded.total_steps() is None
+  assert unbounded.chunk_sizes(3, 4) == {1, 4}
+  assert unbounded.chunk_sizes(8, 4) == {4}
 
 
 def test_time_cadences_follow_the_agreed_reading():

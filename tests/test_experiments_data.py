@@ -1,5 +1,6 @@
 """Dataset loaders: local files (real ones when present), tfds mock data."""
 
+import json
 import os
 
 import jax
@@ -7,7 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from experiments import batches
 from experiments import input_pipeline
+from experiments import placement as placement_lib
 import experiments_testing
 
 REAL = experiments_testing.shared_data_dir()
@@ -154,20 +157,51 @@ def test_tfds_mock_data_without_tensorflow():
   assert "tensorflow" not in __import__("sys").modules
 
 
-def test_epoch_permutation_and_host_stream_agree():
-  key = jax.random.PRNGKey(3)
+class _SecondHalf:
+  """A placement whose process holds rows [2, 4) of each presample of 4."""
+
+  def process_rows(self, size):
+    del size
+    return slice(2, 4)
+
+  def global_chunk(self, local, size):
+    del size
+    return local
+
+
+def test_streamed_presamples_follow_seeded_epochs_and_resume():
   split = {"input": np.arange(10)[:, None], "label": np.arange(10)}
-  stream = input_pipeline.HostStream(split, key, batch=4, chunk=3)
-  try:
-    batches, positions = stream.next()
-  finally:
-    stream.close()
-  perm0 = np.asarray(input_pipeline.epoch_permutation(key, 0, 10))
-  perm1 = np.asarray(input_pipeline.epoch_permutation(key, 1, 10))
-  # Two batches of 4 from epoch 0, the last 2 examples skipped, then epoch 1.
-  np.testing.assert_array_equal(batches["label"][0], perm0[:4])
-  np.testing.assert_array_equal(batches["label"][1], perm0[4:8])
-  np.testing.assert_array_equal(batches["label"][2], perm1[:4])
-  assert positions == [(0, 4), (0, 8), (1, 4)]
+  one_device = placement_lib.Placement(None, jax.devices()[0])
+
+  def source(position=None, placement=one_device):
+    return batches.Streamed(split, batches.Shuffled(10, seed=3), 4, 3,
+                            placement, position)
+  stream = source()
+  fed = jax.device_get(stream.next_input(0, 3, None))
+  perm0 = input_pipeline.shuffled_epoch(10, 3, 0).order
+  perm1 = input_pipeline.shuffled_epoch(10, 3, 1).order
+  # Two presamples of 4 from epoch 0 (its last 2 examples skipped), then
+  # epoch 1: each the rows of its dataset indices.
+  np.testing.assert_array_equal(
+      fed["label"], [perm0[:4], perm0[4:8], perm1[:4]])
+  np.testing.assert_array_equal(fed["index"], fed["label"])
+  np.testing.assert_array_equal(fed["input"][..., 0], fed["label"])
+  position = stream.position(())
+  assert position == {"source": "grain:shuffled", "epoch": 1,
+                      "iterator": {"next_index": 1}}
+  after = jax.device_get(stream.next_input(3, 2, None))
+  stream.close()
+  resumed = source(json.loads(json.dumps(position)))   # as checkpointed
+  again = jax.device_get(resumed.next_input(3, 2, None))
+  resumed.close()
+  np.testing.assert_array_equal(again["label"], after["label"])
+  perm2 = input_pipeline.shuffled_epoch(10, 3, 2).order
+  np.testing.assert_array_equal(after["label"], [perm1[4:8], perm2[:4]])
   assert sorted(perm0.tolist()) == list(range(10))
   assert not np.array_equal(perm0, perm1)
+  # Another process loads only its own rows of the same presamples.
+  half = source(placement=_SecondHalf())
+  fed = half.next_input(0, 3, None)
+  half.close()
+  np.testing.assert_array_equal(
+      fed["label"], [perm0[2:4], perm0[6:8], perm1[2:4]])

@@ -123,8 +123,7 @@ def restore(workdir: str, step: int, template):
   """The jis state of ``workdir``'s checkpoint ``step``, on one device."""
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), 2)
   try:
-    restored, _ = ckpt.restore(step, {
-        "jis": template, "data": {"epoch": np.int32(0), "offset": np.int32(0)}})
+    restored, _ = ckpt.restore(step, {"jis": template})
   finally:
     ckpt.close()
   return restored["jis"]

@@ -111,6 +111,14 @@ def base() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
 
   c.data_on_device = True      # False streams batches from host memory
+  # Streamed data only: "infobatch" draws each epoch with jis.infobatch_epoch
+  # from the score table, so pruned examples are never loaded
+  # (experiments/pruning.py); the sampler is then built for it.
+  c.pruning = ml_collections.ConfigDict({
+      "method": "",            # "" | infobatch
+      "prune": 0.5,            # share of the below-mean examples dropped
+      "anneal_fraction": 0.125,  # last share of the step budget: no pruning
+  })
   c.steps_per_dispatch = 50    # steps per jitted lax.scan
   # True unrolls the dispatch's steps (no loop): conv nets on XLA:CPU run
   # ~20x slower inside a loop body (docs/performance_notes.md); costs compile
