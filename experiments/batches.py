@@ -99,6 +99,14 @@ class OnDevice:
     batch["index"] = idx
     return batch, Position(epoch=epoch, offset=start + self._size, perm=perm)
 
+  def consumed(self, carry: Position, rows) -> Position:
+    """Moves the position back to just after the ``rows`` the step used
+    (``is/rows_used``: ``b`` on a uniform step), so that the rows a uniform
+    step did not train on open the next presample: every example is then
+    visited once per data epoch, as uniform training visits it."""
+    return carry.replace(offset=carry.offset - self._size
+                         + jnp.asarray(rows, jnp.int32))
+
   def position(self, carry: Position) -> Dict[str, Any]:
     return {"source": self.kind,
             "epoch": int(placement_lib.fetch_replicated(carry.epoch)),
@@ -254,6 +262,13 @@ class Streamed:
 
   def take(self, carry: tuple, fed, i) -> Tuple[dict, tuple]:
     return jax.tree.map(lambda x: x[i], fed), carry
+
+  def consumed(self, carry: tuple, rows) -> tuple:
+    """Streamed presamples are loaded whole: the rows a step did not use are
+    not given back (the loader-side pruning, ``config.pruning``, skips rows
+    before they are loaded)."""
+    del rows
+    return carry
 
   def position(self, carry: tuple) -> Dict[str, Any]:
     del carry

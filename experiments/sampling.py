@@ -111,6 +111,13 @@ def resolve_spec(spec: str, field: str, context: Optional[Mapping] = None):
   return _build(tree.body, field, spec, context)
 
 
+#: The options of ``jis.importance_step`` that take jis objects, written in
+#: a config as the names of the factories that make them. The other string
+#: options (``score``, ``loss``, ``labels``, ...) are passed as they are.
+OBJECT_OPTIONS = ("policy", "condition", "score_transforms", "score_table",
+                  "budget")
+
+
 def _unset(value) -> bool:
   return value is None or (isinstance(value, str) and not value.strip())
 
@@ -136,8 +143,7 @@ def sampler_kwargs(sampler_cfg: Mapping[str, Any],
       raise ValueError(
           f"config.sampler.{field}={value!r} is not an option of "
           f"jis.importance_step (its options: {', '.join(sorted(options))}).")
-    default = options[field].default
-    if isinstance(value, str) and not isinstance(default, str):
+    if isinstance(value, str) and field in OBJECT_OPTIONS:
       kwargs[field] = resolve_spec(value, field, context)  # names jis objects
     elif hasattr(value, "to_dict"):
       kwargs[field] = value.to_dict()

@@ -213,6 +213,7 @@ def train_chunk(loop: Loop, fed, statistics, aug_key, *, num_steps: int,
     batch = preprocess(batch, statistics, jax.random.fold_in(aug_key, step),
                        True)
     new_jis, metrics = sampler.step(loop.jis, placement.constrain(batch))
+    data = source.consumed(data, metrics["is/rows_used"])
     bad = ~jnp.isfinite(metrics["train/loss"])
     first_bad = jnp.where(bad & (loop.first_bad_step == _NO_BAD_STEP), step,
                           loop.first_bad_step)
@@ -258,8 +259,8 @@ def _check_finite(loop: Loop, workdir: str) -> None:
         f"Training diverged: the loss became NaN or infinite at step {bad} "
         f"(workdir {workdir}). Lower --config.learning_rate, set "
         "--config.grad_clip_norm, or add smoothing to the scores "
-        "(--config.sampler.smooth), then rerun: the run resumes from the "
-        "last checkpoint before it, in "
+        "(--config.sampler.score_transforms='(additive_smoothing(1.0),)'), "
+        "then rerun: the run resumes from the last checkpoint before it, in "
         f"{os.path.join(workdir, 'checkpoints')} (or start a new workdir).")
 
 

@@ -16,6 +16,7 @@ from jis import _conditions
 from jis import _losses
 from jis import _placement
 from jis import _policies
+from jis import _pruning
 from jis import _scores
 from jis import _stale
 from jis import _transforms
@@ -26,6 +27,11 @@ PyTree = Any
 
 #: τ's default momentum (``importance_step(tau_momentum=None)``).
 TAU_MOMENTUM = 0.9
+#: The default policy's weight exponent and bound (:func:`default_policy`).
+DEFAULT_K = 0.5
+DEFAULT_MAX_WEIGHT = 100.0
+#: InfoBatch's pruned share, the default policy with a score table.
+DEFAULT_PRUNE = 0.5
 
 
 class Plan(NamedTuple):
@@ -115,8 +121,22 @@ def _deprecated(option: str, instead: str) -> None:
                 DeprecationWarning, stacklevel=5)
 
 
-def _policy(policy, k: float) -> _policies.Policy:
-  if k != 1.0:
+def default_policy(table) -> _policies.Policy:
+  """The policy of ``importance_step(policy=None)``.
+
+  Scoring a presample: the biased importance sampling of Katharopoulos &
+  Fleuret (2017), ``k = 1/2``, with weights bounded by the defensive
+  mixture of ``max_weight = 100`` (docs/performance_notes.md, section 11,
+  has the measurements behind it). With a score table: InfoBatch's
+  prune-and-rescale.
+  """
+  if table is not None:
+    return _pruning.infobatch(DEFAULT_PRUNE)
+  return _policies.importance_sampling(k=DEFAULT_K, max_weight=DEFAULT_MAX_WEIGHT)
+
+
+def _policy(policy, k: Optional[float], table) -> _policies.Policy:
+  if k is not None:
     _deprecated("k=", "policy=jis.importance_sampling(k=...)")
     if policy is not None:
       raise ValueError(
@@ -124,7 +144,7 @@ def _policy(policy, k: float) -> _policies.Policy:
           "cannot be combined with policy=. Pass the exponent to the policy.")
     return _policies.importance_sampling(k)
   if policy is None:
-    return _policies.importance_sampling()
+    return default_policy(table)
   return _validate.instance("policy", policy, _policies.Policy,
                             "jis.Policy (e.g. jis.importance_sampling())")
 
@@ -214,6 +234,8 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
   _validate.accepts(train_step, "train_step", ("state", "batch", "weights"))
   loss_ = _losses.resolve_loss(loss)
   mask_fn = _mask_getter(mask, loss_)
+  if score is None:   # a score table keeps losses, as InfoBatch does
+    score = "loss" if score_table is not None else "upper_bound"
   score_ = _scores.resolve_score(score, loss_, mask_fn)
   lookups_only = score_table is not None and score_table.fresh is None
   if logits_fn is None and score_.needs_logits and not lookups_only:
@@ -246,7 +268,7 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
       labels=labels_getter(labels), mask=mask_fn,
       example_weights=(None if example_weights is None else batch_getter(
           "example_weights", "per-example weights", example_weights)),
-      policy=_policy(policy, k),
+      policy=_policy(policy, k, score_table),
       condition=condition,
       transforms=_transforms_of(score_transforms, smooth, adaptive_smooth),
       table=score_table, buckets=buckets, budget=budget, placement=placement,

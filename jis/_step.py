@@ -391,6 +391,7 @@ def _sized_step(plan, model, state, batch, key, active, static, n_scored,
       "is/ess": draw.ess, "is/max_weight": draw.max_weight,
       "is/score_mean": draw.score_mean, "is/fallback": draw.fallback,
       "is/variance_reduction": draw.tau, "is/nonfinite": _nonfinite(metrics),
+      "is/rows_used": jnp.where(active, n_scored, n_train).astype(jnp.int32),
       **draw.extra, **(extra_metrics or {})}
 
 
@@ -502,7 +503,7 @@ def importance_step(
     labels: Union[str, int, Callable[[PyTree], Array]] = "label",
     mask: Union[None, str, Callable[[PyTree], Array]] = None,
     example_weights: Union[None, str, Callable[[PyTree], Array]] = None,
-    score: Union[str, Callable[..., Array], _scores.Score] = "upper_bound",
+    score: Union[None, str, Callable[..., Array], _scores.Score] = None,
     tau_threshold: Optional[float] = None,
     tau_momentum: Optional[float] = None,
     score_transforms: Optional[Sequence[_transforms.ScoreTransform]] = None,
@@ -515,7 +516,7 @@ def importance_step(
     data_axis: Union[str, Sequence[str]] = "data",
     resample: str = "global",
     diagnostics: bool = False,
-    k: float = 1.0,
+    k: Optional[float] = None,
     smooth: float = 0.0,
     adaptive_smooth: bool = False,
 ) -> ImportanceStep:
@@ -529,7 +530,7 @@ def importance_step(
       if condition.active(state, step, τ):          # default: τ > τ_th, or a probe
         s = score(logits_fn(inner, batch), labels)  # one forward pass over B
         s = transforms(s)                           # smoothing, if any
-        i, w = policy.select(s, size=b)             # default: i ~ p ∝ s, w = 1/(B p_i)
+        i, w = policy.select(s, size=b)             # default: i ~ p ∝ s, w ∝ (B p_i)^-½
         inner, metrics = train_step(inner, batch[i], w)
         τ = m τ + (1 − m) variance_reduction(s)
       else:
@@ -578,18 +579,22 @@ def importance_step(
       loader gives each example, multiplied into the importance weights the
       ``train_step`` receives (e.g. the rescaling of a loader that pruned
       examples itself, :func:`jis.infobatch_epoch`).
-    score: ``"upper_bound"`` (norm of the loss gradient w.r.t. the logits),
-      ``"loss"``, ``"gradient_norm"`` (exact per-example parameter-gradient
-      norm; a costly reference), ``"reducible_loss"`` (RHO-LOSS, needs
-      ``batch["irreducible_loss"]``), ``"uniform"``, or a callable
-      ``score(logits, labels, batch) -> [n]``.
+    score: ``"upper_bound"`` (norm of the loss gradient w.r.t. the logits;
+      the default), ``"loss"`` (the default with a ``score_table``, as
+      InfoBatch keeps), ``"gradient_norm"`` (exact per-example
+      parameter-gradient norm; a costly reference), ``"reducible_loss"``
+      (RHO-LOSS, needs ``batch["irreducible_loss"]``), ``"uniform"``, or a
+      callable ``score(logits, labels, batch) -> [n]``.
     tau_threshold: resample when τ exceeds it; None is eq. 29,
       ``(B + 3b) / (3b)``; ``0.0`` always, ``float("inf")`` never. Shorthand for
       ``condition=jis.when_variance_reduced(tau_threshold)``.
     tau_momentum: momentum of τ's moving average (``state.tau``); None is 0.9.
     score_transforms: transforms applied in order to the scores.
-    policy: how to select ``b`` examples from the scores; None is
-      :func:`jis.importance_sampling`.
+    policy: how to select ``b`` examples from the scores. None is
+      ``jis.importance_sampling(k=0.5, max_weight=100.0)``: biased towards
+      high-score examples, bounded (see the README's "The default"); with a
+      ``score_table``, ``jis.infobatch(0.5)``. ``jis.importance_sampling()``
+      is the unbiased estimator of the paper.
     condition: when to resample rather than train on the first ``b`` examples.
     score_table: :func:`jis.stale_scores`: score the presample from a table of
       every example's latest score instead of a forward pass, refreshing the
@@ -629,8 +634,12 @@ def importance_step(
     ``is/ess`` (effective sample size of the weights), ``is/max_weight``,
     ``is/score_mean`` (mean raw presample score; 0 on uniform steps),
     ``is/fallback``, ``is/variance_reduction`` (this step's τ; 1 on uniform
-    steps) and ``is/nonfinite`` (1 when one of your metrics, e.g. the loss,
-    is NaN or infinite; see ``docs/reliability.md``); with a ``score_table``
+    steps), ``is/nonfinite`` (1 when one of your metrics, e.g. the loss,
+    is NaN or infinite; see ``docs/reliability.md``) and ``is/rows_used``
+    (the presample rows the step used: ``B`` when it resampled, the first
+    ``b`` when it trained uniformly; advance your data position by it, so
+    that a uniform step's unused rows open the next presample and every
+    example is visited once per epoch); with a ``score_table``
     also ``is/fresh``, ``is/score_age``, ``is/unscored`` and ``is/bad_index``;
     with a ``budget`` also ``is/presample_size`` and ``is/batch_size``.
     ``step`` also accepts a :class:`jis.Indexed` presample (dataset indices

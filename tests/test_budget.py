@@ -191,7 +191,7 @@ def test_default_condition_uses_the_budget_threshold():
 
 def test_small_buckets_stay_unbiased():
   b, draws = 8, 20000
-  sampler = _sampler(jis.constant_variance())
+  sampler = _sampler(jis.constant_variance(), policy=jis.importance_sampling())
   batch, params = _presample(b), _params()
   keys = jax.random.split(jax.random.key(3), draws)
   states = jax.vmap(lambda k: sampler.init(params, k)._replace(

@@ -205,3 +205,22 @@ def test_streamed_presamples_follow_seeded_epochs_and_resume():
   half.close()
   np.testing.assert_array_equal(
       fed["label"], [perm0[2:4], perm0[6:8], perm1[2:4]])
+
+
+def test_on_device_source_gives_back_the_rows_a_step_did_not_use():
+  import jax.numpy as jnp
+  from experiments import batches
+  from experiments import placement as placement_lib
+  split = {"input": np.arange(20, dtype=np.float32)[:, None],
+           "label": np.zeros(20, np.int32)}
+  source = batches.OnDevice(split, jax.random.key(0), 6,
+                            placement_lib.Placement(None, jax.devices()[0]), None)
+  carry = source.carry()
+  seen = []
+  for rows in (2, 2, 6, 2):     # uniform, uniform, importance, uniform
+    batch, carry = source.take(carry, source.next_input(0, 1, None), 0)
+    seen.append(np.asarray(batch["index"])[:rows])
+    carry = source.consumed(carry, jnp.int32(rows))
+  used = np.concatenate(seen)
+  assert len(set(used.tolist())) == len(used) == 12   # no row used twice
+  assert int(carry.offset) == 12

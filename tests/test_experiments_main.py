@@ -100,7 +100,7 @@ def test_every_config_has_docstring_with_launch_command_and_result():
     assert "Expected:" in doc and "PLACEHOLDER" not in doc, name
     for variant in ("", "gpu", "tpu", "runlocal"):
       config = module.get_config(variant)
-      assert {"score", "presample", "tau_threshold", "k", "policy"} <= set(
+      assert {"score", "presample", "tau_threshold", "policy"} <= set(
           config.sampler), name
     with pytest.raises(ValueError, match="variant"):
       module.get_config("laptop")

@@ -279,7 +279,7 @@ def test_step_logits_are_taken_from_its_metrics_and_removed():
   def step_with_logits(*args):
     return {**train_step(*args), jis.LOGITS_KEY: handed_back}
   sampler = sampler_for(step_with_logits, tau_threshold=None, condition=jis.never(),
-                        score_table=jis.stale_scores(B))
+                        score="upper_bound", score_table=jis.stale_scores(B))
   batch = {**presamples()[0], "index": jnp.arange(B)}
   metrics = sampled_step(sampler, *objects(), batch)
   assert jis.LOGITS_KEY not in metrics and "loss" in metrics

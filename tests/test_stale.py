@@ -60,7 +60,11 @@ def _numpy_upper_bound(params, data, idx):
 
 
 def _sampler(table=None, train_step=_train_step, **kw):
+  # The table of upper-bound scores and the categorical draw from them (the
+  # stale mode's defaults, loss scores and InfoBatch, are in test_pruning.py).
   kw.setdefault("tau_threshold", 0.0)
+  kw.setdefault("score", "upper_bound")
+  kw.setdefault("policy", jis.importance_sampling())
   return jis.importance_step(train_step, _logits, batch_size=B,
                              presample=BIG_B / B,
                              score_table=table or jis.stale_scores(N), **kw)
@@ -323,7 +327,7 @@ def test_presample_forward_pass_only_in_the_fresh_branch():
 
 def _run_on(mesh, resample, steps=5):
   sampler = _sampler(tau_threshold=None, policy=jis.infobatch(0.5),
-                     mesh=mesh, resample=resample)
+                     mesh=mesh, resample=resample)  # upper-bound scores
   # A raw uint32 key: jax 0.10 adds a second dispatch-cache entry (no
   # recompilation) for typed keys on a multi-device mesh (jax#39089).
   state = sampler.init(_params(), jax.random.PRNGKey(0))

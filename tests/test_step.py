@@ -51,7 +51,8 @@ def _numpy_upper_bound(params, batch):
 
 def _expected_update(k, draws, big_b=12, b=4):
   sampler = jis.importance_step(_linear_train_step, _linear_logits, batch_size=b,
-                                presample=big_b / b, tau_threshold=0.0, k=k)
+                                presample=big_b / b, tau_threshold=0.0,
+                                policy=jis.importance_sampling(k))
   batch = _presample(big_b)
   params = _params()
   keys = jax.random.split(jax.random.key(42), draws)
@@ -440,7 +441,7 @@ def test_recorded_scores_come_from_the_train_logits_when_given(returns_logits):
     return new, metrics
   sampler = jis.importance_step(train_step, _linear_logits, batch_size=4,
                                 presample=3.0, score_table=jis.stale_scores(12),
-                                condition=jis.never())
+                                score="upper_bound", condition=jis.never())
   state = sampler.init(_params(), jax.random.key(0))
   batch = {**_presample(12), "index": jnp.arange(12)}
   expected = (np.full(4, np.sqrt(2 / 3)) if returns_logits else   # ‖1/3 − y‖
@@ -813,3 +814,16 @@ def test_a_masked_sequence_model_ignores_padding_in_its_scores():
   scores = jis.logit_grad_norm(batch["inputs"] @ jnp.eye(v), tokens, mask=mask)
   np.testing.assert_allclose(float(runs[0][1]["is/score_mean"]),
                              float(jnp.mean(scores)), rtol=1e-6)
+
+
+def test_rows_used_tells_the_loop_how_far_to_advance():
+  # A uniform step uses the first b rows of its presample; an importance step
+  # all B: a loop that advances by is/rows_used visits every example once per
+  # epoch while importance sampling is off.
+  sampler = _switching_sampler()
+  step = jax.jit(sampler.step)
+  state = sampler.init(_params(), jax.random.key(0))
+  for batch in _switching_batches(5):
+    state, metrics = step(state, batch)
+    expected = 12 if float(metrics["is/active"]) else 4
+    assert int(metrics["is/rows_used"]) == expected

@@ -29,16 +29,18 @@ def sampler() -> ml_collections.ConfigDict:
   default.
   """
   return ml_collections.ConfigDict({
-      "score": "upper_bound",        # upper_bound | loss | gradient_norm | uniform
+      # "" is jis's default: upper_bound (loss with a score_table); also
+      # loss | gradient_norm | reducible_loss | uniform.
+      "score": "",
       "presample": 3.0,              # B / b
       "loss": "softmax_cross_entropy",
       # None: eq. 29 of the paper, (B + 3b) / (3b); 0.0 always; inf never.
       "tau_threshold": config_dict.placeholder(float),
-      "tau_momentum": 0.9,
-      "k": 1.0,                      # 1 unbiased; < 1 biased to hard examples
-      "smooth": 0.0,
-      "adaptive_smooth": False,
-      "policy": "",                  # e.g. importance_sampling(k=0.5), top_k
+      "tau_momentum": config_dict.placeholder(float),   # None: 0.9
+      # "" is jis's default, importance_sampling(k=0.5, max_weight=100.0)
+      # (infobatch(0.5) with a score_table); e.g. importance_sampling() for
+      # the unbiased estimator, top_k, selective_backprop.
+      "policy": "",
       "condition": "",               # e.g. warmup(100), always
       "score_transforms": "",        # e.g. (power_smoothing(0.5),)
       # Stale scores and budgets (docs/strategies.md), e.g. stale_scores

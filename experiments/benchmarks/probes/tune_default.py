@@ -116,7 +116,8 @@ class Runner:
       keep = {k: v.astype(jnp.float32) for k, v in metrics.items()
               if k in ("is/active", "is/tau", "is/max_weight", "is/ess",
                        "train/loss", "is/fallback")}
-      return (state, epoch, start + self.big_b, perm), keep
+      # A uniform step's unused rows open the next presample.
+      return (state, epoch, start + metrics["is/rows_used"], perm), keep
     if self.chunk == 1:
       carry, m = one(carry, None)
       return carry, jax.tree.map(lambda x: x[None], m)
