@@ -44,6 +44,7 @@ from jis._transforms import adaptive_smoothing
 from jis._transforms import additive_smoothing
 from jis._transforms import power_smoothing
 from jis._transforms import ScoreTransform
+from jis._variance import default_tau_threshold
 from jis._variance import tau_threshold
 from jis._variance import variance_reduction
 

@@ -27,8 +27,9 @@ from jis import _variance
 Array = jax.Array
 
 #: While a score-driven condition is off, every this many steps is an
-#: importance step that re-measures the scores (docs/strategies.md).
-PROBE_EVERY = 32
+#: importance step that re-measures the scores (docs/strategies.md): where
+#: scoring a presample costs a training step, about 1 % of the time.
+PROBE_EVERY = 128
 
 
 class Condition(NamedTuple):
@@ -76,9 +77,10 @@ def when_variance_reduced(threshold: Optional[float] = None,
   presample scores of every importance step, ``τ ← m τ + (1 − m) τ_step``
   (the first measurement sets it). While τ is below the threshold, every
   ``probe_every``-th step is an importance step that measures it again.
-  ``threshold=None`` is eq. 29 of Katharopoulos & Fleuret (2018),
-  ``(B + 3b) / (3b)``; ``0.0`` resamples at every step; ``float("inf")``
-  never does.
+  ``threshold=None`` is :func:`jis.default_tau_threshold`, ``1 + 2B/(3b)``
+  (eq. 29 of Katharopoulos & Fleuret (2018), ``(B + 3b) / (3b)``, with the
+  scoring pass's cost counted twice); ``0.0`` resamples at every step;
+  ``float("inf")`` never does.
 
   Args:
     threshold: the τ above which to resample, ``≥ 0``, or None.
@@ -96,7 +98,7 @@ def when_variance_reduced(threshold: Optional[float] = None,
     True
     >>> bool(cond.active(state, 1, jnp.float32(1.2)))   # below; not a probe
     False
-    >>> bool(cond.active(state, 31, jnp.float32(1.2)))  # below; a probe
+    >>> bool(cond.active(state, 127, jnp.float32(1.2)))  # below; a probe
     True
   """
   if threshold is not None:
@@ -112,7 +114,7 @@ def when_variance_reduced(threshold: Optional[float] = None,
   probe_every = _check_probe_every("when_variance_reduced", probe_every)
 
   def init(presample_size, batch_size):
-    th = (_variance.tau_threshold(presample_size, batch_size)
+    th = (_variance.default_tau_threshold(presample_size, batch_size)
           if threshold is None else threshold)
     return jnp.asarray(th, jnp.float32)
 

@@ -192,7 +192,7 @@ def _condition(condition, tau_threshold, budget, table, big_b: int, b: int):
     # Eq. 29 prices a presample forward pass that stale scores do not make.
     return _conditions.always(), None
   elif tau_threshold is None:
-    tau_threshold = _variance.tau_threshold(big_b, b)
+    tau_threshold = _variance.default_tau_threshold(big_b, b)
   return _conditions.when_variance_reduced(tau_threshold), tau_threshold
 
 

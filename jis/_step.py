@@ -60,6 +60,8 @@ class ImportanceState(NamedTuple):
     transforms: the score transforms' states, one per transform.
     policy: the selection policy's state.
     table: the stale score table (:func:`jis.stale_scores`), or ``()``.
+    tau_step: int32 step of τ's latest measurement (-1 before the first):
+      τ averages over steps, not over measurements.
   """
   inner: PyTree
   key: Array
@@ -69,6 +71,7 @@ class ImportanceState(NamedTuple):
   transforms: tuple
   policy: PyTree
   table: PyTree = ()
+  tau_step: Array = -1
 
 
 class ImportanceStep(NamedTuple):
@@ -326,11 +329,18 @@ def _trained_scores(plan, model, static, rows, before, logits):
   return before
 
 
-def _moving_tau(plan, tau: Array, measured: Array, active) -> Array:
-  """τ's moving average over importance steps; the first sets it."""
-  m = plan.tau_momentum
-  updated = jnp.where(tau > 0, m * tau + (1 - m) * measured, measured)
-  return jnp.where(active, updated, tau)
+def _moving_tau(plan, state, measured: Array, active):
+  """``(τ, tau_step)``: τ's moving average over steps, updated on importance
+  steps. A measurement ``Δ`` steps after the previous one gets the weight
+  ``1 − m^Δ`` (``m`` the momentum): while importance sampling is on (``Δ =
+  1``) τ averages about ``1/(1 − m)`` steps; while it is off, a probe
+  ``probe_every`` steps after the last all but replaces it, so a sparse
+  probe sees what the presample says now. The first measurement sets it."""
+  gap = (state.step - state.tau_step).astype(jnp.float32)
+  keep = jnp.where(state.tau_step >= 0, plan.tau_momentum ** gap, 0.0)
+  updated = keep * state.tau + (1.0 - keep) * measured
+  return (jnp.where(active, updated, state.tau),
+          jnp.where(active, state.step, state.tau_step).astype(jnp.int32))
 
 
 def _record(plan, choice, static, active, batch, rows, trained, step):
@@ -384,8 +394,9 @@ def _sized_step(plan, model, state, batch, key, active, static, n_scored,
   trained = _trained_scores(plan, model, static, rows, before, logits)
   own = _record(plan, choice, static, active, batch, rows, trained, state.step)
   draw = choice.draw
-  tau = _moving_tau(plan, state.tau, draw.tau, active)
-  new_state = ImportanceState(inner, state.key, state.step + 1, tau, *own)
+  tau, tau_step = _moving_tau(plan, state, draw.tau, active)
+  new_state = ImportanceState(inner, state.key, state.step + 1, tau, *own,
+                              tau_step=tau_step)
   return new_state, {
       **metrics, "is/tau": tau, "is/active": jnp.asarray(active, jnp.float32),
       "is/ess": draw.ess, "is/max_weight": draw.max_weight,
@@ -486,7 +497,8 @@ def _init(plan, train_state: PyTree, key: Array) -> ImportanceState:
       transforms=tuple(t.init() for t in plan.transforms),
       policy=placement.init_policy(plan.policy, plan.presample_size,
                                    plan.batch_size),
-      table=plan.table.init() if plan.table is not None else ())
+      table=plan.table.init() if plan.table is not None else (),
+      tau_step=jnp.full((), -1, jnp.int32))
   return _put_own(plan, state)
 
 
@@ -527,7 +539,7 @@ def importance_step(
   Fleuret 2018, Algorithm 1), but compiles to one XLA program with ``lax.cond``
   choosing the branch on device::
 
-      if condition.active(state, step, τ):          # default: τ > τ_th, or a probe
+      if condition.active(state, step, τ):          # default: τ > 1 + 2B/(3b), or a probe
         s = score(logits_fn(inner, batch), labels)  # one forward pass over B
         s = transforms(s)                           # smoothing, if any
         i, w = policy.select(s, size=b)             # default: i ~ p ∝ s, w ∝ (B p_i)^-½
@@ -539,7 +551,7 @@ def importance_step(
   Uniform steps compute no scores: they cost what your ``train_step`` costs.
   τ is measured on importance steps only, always from ``logits_fn`` (inference
   mode) over the presample, so one estimator drives the switch. While the
-  default condition is off, every 32nd step is an importance step that
+  default condition is off, every 128th step is an importance step that
   measures τ again (``jis.when_variance_reduced(probe_every=)``).
 
   If the scores of a step are non-finite, negative or all zero, that step uses
@@ -585,8 +597,10 @@ def importance_step(
       parameter-gradient norm; a costly reference), ``"reducible_loss"``
       (RHO-LOSS, needs ``batch["irreducible_loss"]``), ``"uniform"``, or a
       callable ``score(logits, labels, batch) -> [n]``.
-    tau_threshold: resample when τ exceeds it; None is eq. 29,
-      ``(B + 3b) / (3b)``; ``0.0`` always, ``float("inf")`` never. Shorthand for
+    tau_threshold: resample when τ exceeds it; None is
+      :func:`jis.default_tau_threshold`, ``1 + 2B/(3b)`` (eq. 29 with the
+      scoring pass counted twice; 3 at ``presample=3``); ``0.0`` always,
+      ``float("inf")`` never. Shorthand for
       ``condition=jis.when_variance_reduced(tau_threshold)``.
     tau_momentum: momentum of τ's moving average (``state.tau``); None is 0.9.
     score_transforms: transforms applied in order to the scores.

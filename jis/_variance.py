@@ -67,3 +67,21 @@ def tau_threshold(presample_size: int, batch_size: int) -> float:
         f"tau_threshold needs 1 <= batch_size <= presample_size; got "
         f"presample_size={presample_size}, batch_size={batch_size}.")
   return (presample_size + 3 * batch_size) / (3 * batch_size)
+
+
+def default_tau_threshold(presample_size: int, batch_size: int) -> float:
+  """``1 + 2B/(3b)``: eq. 29 with the scoring pass's relative cost counted
+  twice, the default condition's threshold (3 at ``presample=3``).
+
+  Eq. 29 switches on where τ pays for the scoring pass if a τ-fold
+  variance reduction were worth τ uniform steps. Measured per second, it was
+  worth less: at τ ≈ 2–2.5 (Fashion-MNIST, Reuters) importance steps did not
+  pay for a scoring pass that costs about one training step, at τ ≥ 3 (MNIST)
+  they paid many times over (docs/performance_notes.md, section 11).
+
+  Examples:
+    >>> import jis
+    >>> jis.default_tau_threshold(384, 128)
+    3.0
+  """
+  return 2.0 * tau_threshold(presample_size, batch_size) - 1.0

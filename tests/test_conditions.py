@@ -58,19 +58,23 @@ def _numpy_tau(s):
   return 1.0 / np.sqrt(1.0 - ((g - u) ** 2).sum() / (g ** 2).sum())
 
 
-def _simulate(statistic, threshold, momentum, score_rows, probe_every):
+def _simulate(statistic, threshold, momentum, score_rows, probe_every,
+              over_steps=False):
   """The original library's EMA condition, measured as jis measures it: on
   the B presample scores of importance steps only (the first measurement
   sets the average), with a probing importance step every probe_every steps
-  while the condition is off."""
-  value, active = 0.0, []
+  while the condition is off. ``over_steps``: τ's average is over steps (a
+  measurement Δ steps after the last weighs 1 − m^Δ); the total-variation
+  condition's is over measurements."""
+  value, last, active = 0.0, None, []
   for t, s in enumerate(score_rows):
     on = (value > threshold or threshold == 0
           or t % probe_every == probe_every - 1)
     active.append(float(on))
     if on:
-      x = statistic(s)
-      value = x if value == 0 else momentum * value + (1 - momentum) * x
+      keep = 0.0 if last is None else momentum ** (t - last if over_steps
+                                                   else 1)
+      value, last = keep * value + (1 - keep) * statistic(s), t
   return np.array(active)
 
 
@@ -111,7 +115,7 @@ def test_variance_reduction_switches_when_numpy_says(threshold, momentum):
   rows = _score_rows(3)
   active, metrics = _run(jis.when_variance_reduced(threshold, probe_every=3),
                          rows, tau_momentum=momentum)
-  expected = _simulate(_numpy_tau, threshold, momentum, rows, 3)
+  expected = _simulate(_numpy_tau, threshold, momentum, rows, 3, True)
   assert 0 < expected.sum() < len(rows)
   np.testing.assert_array_equal(active, expected)
   # This step's τ is the formula of its presample scores (1 when uniform).
@@ -181,7 +185,7 @@ def test_tau_has_one_momentum():
     cond = jis.when_variance_reduced(1.3, momentum=0.5, probe_every=3)
   rows = _score_rows(3)
   active, _ = _run(cond, rows)
-  expected = _simulate(_numpy_tau, 1.3, 0.5, rows, 3)
+  expected = _simulate(_numpy_tau, 1.3, 0.5, rows, 3, True)
   assert 0 < expected.sum() < len(rows)
   np.testing.assert_array_equal(active, expected)
   with pytest.raises(ValueError, match="one home and one momentum"):

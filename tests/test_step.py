@@ -141,15 +141,16 @@ def test_tau_tracks_numpy_reference_on_importance_steps():
       condition=jis.when_variance_reduced(1e9, probe_every=3), tau_momentum=m)
   state = sampler.init(_params(), jax.random.key(0))
   step = jax.jit(sampler.step)
-  tau, seen = 0.0, []
+  tau, last, seen = 0.0, None, []
   for i in range(7):
     batch = _presample(big_b, seed=10 + i)
     step_tau = _numpy_tau(_numpy_upper_bound(state.inner, batch))
     state, metrics = step(state, batch)
     active = float(metrics["is/active"])
     seen.append(active)
-    if active:
-      tau = step_tau if tau == 0 else m * tau + (1 - m) * step_tau
+    if active:   # a moving average over steps: weight 1 - m^(steps since)
+      keep = 0.0 if last is None else m ** (i - last)
+      tau, last = keep * tau + (1 - keep) * step_tau, i
       np.testing.assert_allclose(float(metrics["is/variance_reduction"]),
                                  step_tau, rtol=1e-5)
     else:
@@ -159,32 +160,34 @@ def test_tau_tracks_numpy_reference_on_importance_steps():
   assert seen == [0, 0, 1, 0, 0, 1, 0]
 
 
-def test_default_threshold_is_eq_29_and_switches_on_when_tau_exceeds_it():
+def test_default_threshold_and_probes_switch_on_when_tau_exceeds_it():
   big_b, b = 12, 4
   make = lambda **kw: jis.importance_step(
       _linear_train_step, _linear_logits, batch_size=b, presample=3.0,
       tau_momentum=0.0, score=lambda logits, labels, batch: batch["s"], **kw)
   sampler = make()
   state = sampler.init(_params(), jax.random.key(0))
-  assert float(state.condition) == pytest.approx(jis.tau_threshold(big_b, b))
+  # 1 + 2B/(3b): eq. 29's (B + 3b)/(3b) with the scoring pass counted twice.
+  assert float(state.condition) == pytest.approx(
+      2 * jis.tau_threshold(big_b, b) - 1) == jis.default_tau_threshold(big_b, b)
   flat = {**_presample(big_b), "s": jnp.ones(big_b)}
-  # Two hot scores among B = 12: τ = sqrt(12 * 2 / 4) = sqrt(6) ≈ 2.45.
-  peaked = {**flat, "s": jnp.zeros(big_b).at[0].set(1.0).at[5].set(1.0)}
+  # One hot score among B = 12: τ = sqrt(12) ≈ 3.46 > 3.
+  peaked = {**flat, "s": jnp.zeros(big_b).at[5].set(1.0)}
   step = jax.jit(sampler.step)
-  for _ in range(31):                              # no probe before step 31
+  for _ in range(jis.PROBE_EVERY - 1):           # no probe before step 127
     state, m = step(state, peaked)
     assert float(m["is/active"]) == 0.0 and float(state.tau) == 0.0
   state, m = step(state, peaked)                   # the probe measures τ
   assert float(m["is/active"]) == 1.0
-  assert float(state.tau) == pytest.approx(np.sqrt(6.0), rel=1e-5)
-  state, m = step(state, flat)                     # τ > 2: resample; τ → 1
+  assert float(state.tau) == pytest.approx(np.sqrt(12.0), rel=1e-5)
+  state, m = step(state, flat)                     # τ > 3: resample; τ → 1
   assert float(m["is/active"]) == 1.0 and float(state.tau) == pytest.approx(1.0)
-  state, m = step(state, peaked)                   # τ = 1 < 2: uniform
+  state, m = step(state, peaked)                   # τ = 1 < 3: uniform
   assert float(m["is/active"]) == 0.0
-  # A threshold of 2.5 is above sqrt(6): the probe does not switch it on.
-  high = make(tau_threshold=2.5)
+  # A threshold above sqrt(12): the probe does not switch it on.
+  high = make(tau_threshold=3.5)
   s2 = high.init(_params(), jax.random.key(0))
-  for _ in range(33):
+  for _ in range(jis.PROBE_EVERY + 1):
     s2, m = jax.jit(high.step)(s2, peaked)
   assert float(m["is/active"]) == 0.0
 
@@ -485,7 +488,7 @@ def test_uniform_score_makes_no_forward_pass():
 @pytest.mark.parametrize("constant, traced, kwargs", [
     (dict(tau_threshold=float("inf")), [], dict(tau_threshold=1e30)),
     (dict(condition=jis.never()), [], dict(tau_threshold=1e30)),
-    # Uniform scores have τ = 1: eq. 29's threshold (2 here) is never crossed.
+    # Uniform scores have τ = 1: the default threshold (3 here) is never crossed.
     (dict(score="uniform"), [], dict(score="uniform", tau_threshold=1e30)),
     (dict(tau_threshold=0.0), [12], dict(condition=jis.warmup(0))),
     (dict(condition=jis.always()), [12], dict(condition=jis.warmup(0))),

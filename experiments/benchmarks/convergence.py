@@ -95,9 +95,17 @@ METHODS = {
     "selective_backprop": {"score": "loss", "presample": 4.0,
                            "policy": "selective_backprop(beta=3.0)",
                            "condition": "always", "forward_batch_size": 256},
-    "stale_scores": {"score": "upper_bound", "score_table": "stale_scores"},
+    # The categorical draw from stale upper-bound scores (the baseline the
+    # no-scoring-pass mode had to beat).
+    "stale_scores": {"score": "upper_bound", "score_table": "stale_scores",
+                     "policy": "importance_sampling()"},
+    # The no-scoring-pass mode at its defaults (losses, InfoBatch): a score
+    # table and nothing else; presample 1.5 reads a half batch more rows.
+    "no_scoring_pass": {"score_table": "stale_scores", "presample": 1.5},
+    # The unbiased estimator of the paper, for comparison with the default.
+    "unbiased": {"policy": "importance_sampling()"},
 }
-DEFAULT_METHODS = ("uniform", "default")
+DEFAULT_METHODS = ("uniform", "default", "no_scoring_pass")
 
 
 class Model(NamedTuple):
