@@ -306,7 +306,7 @@ def test_convergence_quick_on_two_models(out_dir, tmp_path):
   data = experiments_testing.write_fake_data(str(tmp_path / "data"),
                                              n_train=800, n_test=200)
   path = os.path.join(out_dir, "convergence.json")
-  convergence.main(["convergence.py", "--quick",
+  convergence.main(["convergence.py", "--quick", "--methods=uniform,default",
                     "--models=mnist_mlp,reuters_mlp", f"--data_dir={data}",
                     f"--out={path}", f"--workdir={tmp_path / 'runs'}"])
   r = _read(path)

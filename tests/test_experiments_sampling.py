@@ -18,11 +18,12 @@ def config(**fields):
 
 def test_defaults_are_importance_step_defaults():
   kwargs = sampling.sampler_kwargs(common.sampler())
-  assert kwargs["score"] == "upper_bound" and kwargs["presample"] == 3.0
-  # None and "" are not passed: importance_step's defaults apply (eq. 29's
-  # threshold, importance_sampling(), ...).
-  for unset in ("tau_threshold", "policy", "condition", "score_transforms",
-                "score_table", "budget", "forward_batch_size"):
+  assert kwargs["presample"] == 3.0
+  # None and "" are not passed: importance_step's defaults apply (its score,
+  # threshold, policy, ...).
+  for unset in ("score", "tau_threshold", "tau_momentum", "policy",
+                "condition", "score_transforms", "score_table", "budget",
+                "forward_batch_size"):
     assert unset not in kwargs
   # An unset field for an option this jis version lacks is fine; a set one
   # is an error (below).
