@@ -116,8 +116,8 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   Inside ``jit`` they can only be checked on device: a step whose presample
   holds an index outside reports ``is/bad_index = 1``, reads NaN for it and
   falls back to uniform scores (``is/fallback = 1``); an index known at trace
-  time is refused with a ValueError. The table runs on one device
-  (``mesh=None``) for now.
+  time is refused with a ValueError. With a ``mesh`` the table is replicated:
+  every device reads and writes the whole presample's entries alike.
 
   Args:
     num_examples: ``N``, the dataset size.

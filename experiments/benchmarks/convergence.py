@@ -487,6 +487,29 @@ def targets(per_model: Dict[str, Optional[Dict[str, object]]]
 # The benchmark
 # ----------------------------------------------------------------------------
 
+
+def _merged(result: Dict[str, object], earlier: Dict[str, object],
+            models: Sequence[str]) -> Dict[str, object]:
+  """``result`` with the models of ``earlier`` it does not measure again."""
+  if earlier.get("format") != FORMAT or earlier.get("quick") != result["quick"]:
+    raise ValueError("--merge: the existing JSON is of another format or "
+                     "kind (quick or full); write to a new --out instead.")
+  for key in ("seeds", "first_seed", "methods"):
+    if earlier.get(key) != result[key]:
+      raise ValueError(f"--merge: the existing JSON has {key} = "
+                       f"{earlier.get(key)!r}, this run {result[key]!r}; "
+                       "merged models must be measured alike.")
+  kept = {m: e for m, e in earlier["models"].items() if m not in models}
+  parts = [p for p in earlier.get("parts") or [{
+      **{k: earlier.get(k) for k in ("command", "date", "code", "load_start")},
+      "models": list(earlier["models"])}]
+           if set(p["models"]) & set(kept)]
+  for m, entry in kept.items():
+    entry.setdefault("run", next(p for p in parts if m in p["models"]))
+  parts += result["parts"]
+  return {**result, "models": kept, "parts": parts,
+          "command": " && ".join(p["command"] for p in parts)}
+
 def run(models: Sequence[str] = tuple(MODELS),
         methods: Sequence[str] = DEFAULT_METHODS, seeds: int = 3,
         budget_epochs: Optional[Dict[str, float]] = None,
@@ -495,14 +518,17 @@ def run(models: Sequence[str] = tuple(MODELS),
         out: Optional[str] = None, workdir: Optional[str] = None,
         data_dir: Optional[str] = None, first_seed: int = 0,
         extra_methods: Optional[Dict[str, Dict[str, object]]] = None,
-        argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+        argv: Optional[Sequence[str]] = None,
+        merge: bool = False) -> Dict[str, object]:
   """Runs the benchmark; writes and returns its JSON.
 
   ``budget_epochs``, ``budget_seconds`` and ``eval_points`` map model names
   to overrides of :data:`MODELS` (a model missing from ``budget_seconds``
   gets its budget from uniform's epochs). ``extra_methods`` adds methods
   (name -> overrides) to :data:`METHODS`, e.g. for a sweep on seeds from
-  ``first_seed``.
+  ``first_seed``. ``merge``: keep the models of an earlier run in ``out``
+  that this run does not measure (each model's ``run`` says which command,
+  date, code and load measured it; ``parts`` lists the runs).
   """
   all_methods = {**METHODS, **(extra_methods or {})}
   models = [ALIASES.get(m, m) for m in models]
@@ -532,6 +558,11 @@ def run(models: Sequence[str] = tuple(MODELS),
             "spike_rule": {"factor": SPIKE_FACTOR,
                            "after_epoch": SPIKE_AFTER_EPOCH},
             "models": {}}
+  part = {k: result[k] for k in ("command", "date", "code", "load_start")}
+  result["parts"] = [{**part, "models": list(models)}]
+  if merge and os.path.exists(out):
+    with open(out) as f:
+      result = _merged(result, json.load(f), models)
   order = ["uniform"] + [m for m in methods if m != "uniform"]
   for model in models:
     spec = MODELS[model]
@@ -569,6 +600,7 @@ def run(models: Sequence[str] = tuple(MODELS),
     summary = summarize_model(runs, budget)
     result["models"][model] = {
         "title": spec.title, "config": f"experiments/configs/{model}.py",
+        "run": {**part, "load_end": common.load_average()},
         "budget_seconds": budget,
         "budget_epochs_uniform": (None if budget_seconds.get(model)
                                   else epochs),
@@ -579,10 +611,11 @@ def run(models: Sequence[str] = tuple(MODELS),
         "runs": [r for m in order for r in runs[m]],
     }
     print(render(model, result["models"][model]), flush=True)
-  result["targets"] = targets({m: e["targets"]
-                               for m, e in result["models"].items()})
+    # Written after every model, so a long run cut short keeps what it has.
+    result["targets"] = targets({m: e["targets"]
+                                 for m, e in result["models"].items()})
+    common.write_json(result, out)
   print("\n" + targets_text(result["targets"]))
-  common.write_json(result, out)
   print(f"wrote {out}")
   return result
 
@@ -749,6 +782,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  help="the runs' workdirs (default runs/benchmarks/"
                  "convergence_runs)")
   p.add_argument("--data_dir", default=None)
+  p.add_argument("--merge", action="store_true",
+                 help="keep the models already in --out that this run does "
+                 "not measure (same seeds and methods), e.g. to add the CNN "
+                 "to a run of the other three")
   a = p.parse_args(argv[1:])
   models = ([ALIASES.get(m, m) for m in a.models.split(",")] if a.models
             else list(QUICK_MODELS if a.quick else MODELS))
@@ -761,7 +798,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                  "convergence_quick.json") if a.quick
                     else os.path.join(common.RESULTS_DIR, "convergence.json")),
       workdir=a.workdir, data_dir=a.data_dir, first_seed=a.first_seed,
-      extra_methods=dict(_named_json(x) for x in a.add_method), argv=argv)
+      extra_methods=dict(_named_json(x) for x in a.add_method), argv=argv,
+      merge=a.merge)
 
 
 if __name__ == "__main__":
