@@ -398,6 +398,33 @@ def _synthetic_convergence(models=("mnist_mlp", "mnist_cnn", "reuters_mlp")):
   return result
 
 
+def _part(command, models):
+  return {"command": command, "date": "d", "code": {"commit": command},
+          "load_start": [0.0], "models": models}
+
+
+def test_merge_keeps_the_other_models_and_says_which_run_measured_each():
+  common = {"format": convergence.FORMAT, "quick": False, "seeds": 3,
+            "first_seed": 0, "methods": {"uniform": {}, "default": {}}}
+  earlier = {**common, **_part("A", None), "models": {
+      "mnist_mlp": {"t": 1}, "mnist_cnn": {"t": 2}}}
+  new = {**common, **_part("B", ["mnist_cnn"]), "models": {}}
+  new["parts"] = [_part("B", ["mnist_cnn"])]
+  merged = convergence._merged(new, earlier, ["mnist_cnn"])
+  assert list(merged["models"]) == ["mnist_mlp"]   # the CNN comes from B
+  assert merged["models"]["mnist_mlp"]["run"]["command"] == "A"
+  assert [p["command"] for p in merged["parts"]] == ["A", "B"]
+  assert merged["command"] == "A && B"
+  # Merged again, the parts that measure nothing kept are dropped.
+  again = convergence._merged(
+      {**new, "parts": [_part("C", ["mnist_mlp"])]},
+      {**merged, "models": {**merged["models"], "mnist_cnn": {"run": new[
+          "parts"][0]}}}, ["mnist_mlp"])
+  assert [p["command"] for p in again["parts"]] == ["B", "C"]
+  with pytest.raises(ValueError, match="seeds"):
+    convergence._merged({**new, "seeds": 2}, earlier, ["mnist_cnn"])
+
+
 def test_summarize_a_synthetic_model():
   r = _synthetic_convergence(("mnist_mlp",))
   s = r["models"]["mnist_mlp"]["summary"]

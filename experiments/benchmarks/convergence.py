@@ -500,12 +500,16 @@ def _merged(result: Dict[str, object], earlier: Dict[str, object],
                        f"{earlier.get(key)!r}, this run {result[key]!r}; "
                        "merged models must be measured alike.")
   kept = {m: e for m, e in earlier["models"].items() if m not in models}
-  parts = [p for p in earlier.get("parts") or [{
-      **{k: earlier.get(k) for k in ("command", "date", "code", "load_start")},
-      "models": list(earlier["models"])}]
-           if set(p["models"]) & set(kept)]
+  whole = {k: earlier.get(k) for k in ("command", "date", "code", "load_start")}
+  parts = []
   for m, entry in kept.items():
-    entry.setdefault("run", next(p for p in parts if m in p["models"]))
+    entry.setdefault("run", {**whole, "load_end": earlier.get("load_end")})
+    part = {k: entry["run"].get(k) for k in whole}
+    same = [p for p in parts if all(p[k] == part[k] for k in whole)]
+    if same:
+      same[0]["models"].append(m)
+    else:
+      parts.append({**part, "models": [m]})
   parts += result["parts"]
   return {**result, "models": kept, "parts": parts,
           "command": " && ".join(p["command"] for p in parts)}
