@@ -487,7 +487,6 @@ def targets(per_model: Dict[str, Optional[Dict[str, object]]]
 # The benchmark
 # ----------------------------------------------------------------------------
 
-
 def _merged(result: Dict[str, object], earlier: Dict[str, object],
             models: Sequence[str]) -> Dict[str, object]:
   """``result`` with the models of ``earlier`` it does not measure again."""
@@ -513,6 +512,7 @@ def _merged(result: Dict[str, object], earlier: Dict[str, object],
   parts += result["parts"]
   return {**result, "models": kept, "parts": parts,
           "command": " && ".join(p["command"] for p in parts)}
+
 
 def run(models: Sequence[str] = tuple(MODELS),
         methods: Sequence[str] = DEFAULT_METHODS, seeds: int = 3,
