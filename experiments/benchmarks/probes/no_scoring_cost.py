@@ -8,6 +8,12 @@ given as ``jis.Indexed`` into the training set on device (what the
 experiments' loop does). Usage:
 
   python experiments/benchmarks/probes/no_scoring_cost.py mlp 128 1.5 15
+
+With a fifth argument ``ablate``, also the no-scoring-pass step on arrays
+instead of ``jis.Indexed``, and with one piece replaced by a no-op: the
+Gumbel top-k (the first b rows), the table's write, its lookup (no fill of
+unscored entries), both. Those variants are not correct samplers; they only
+show what each piece costs (docs/performance_notes.md, section 13).
 """
 import statistics
 import sys
@@ -16,12 +22,14 @@ import jax
 import jax.numpy as jnp
 
 import jis
+from jis import _selective_backprop
 from experiments import train
 from experiments.benchmarks import common
 from experiments.benchmarks import step_cost as sc
 
 model_name, b, presample, reps = (sys.argv[1], int(sys.argv[2]),
                                   float(sys.argv[3]), int(sys.argv[4]))
+ablate = sys.argv[5:] == ["ablate"]
 k = 10 if model_name == "mlp" else 1
 cfg, model, shape = sc.model_setup(model_name)
 n = 60000
@@ -65,6 +73,39 @@ fns = {
     "no_scoring_pass": (scanned(table.step, lambda d, i: jis.Indexed(d, i)),
                         table.init(state, jax.random.key(0))),
 }
+
+
+def no_scoring_pass(score_table, presample_of=lambda d, i: jis.Indexed(d, i)):
+  step = jis.importance_step(train.train_step, None, batch_size=b,
+                             presample=presample, score_table=score_table)
+  return (scanned(step.step, presample_of),
+          step.init(state, jax.random.key(0)))
+
+
+def first_b(key, log_keep, m):
+  del key
+  return jnp.arange(m), jnp.min(log_keep)
+
+
+def lookup_only(table, indices, step):
+  del step
+  return (jnp.take(table.scores, indices, mode="clip"),
+          jnp.ones(indices.shape, bool))
+
+
+if ablate:
+  full = jis.stale_scores(n)
+  no_write = lambda table, indices, scores, step: table
+  fns["on_arrays"] = no_scoring_pass(full, lambda d, i: rows(d, i, big_b))
+  gumbel_top_k = _selective_backprop.gumbel_top_k
+  _selective_backprop.gumbel_top_k = first_b   # read when the step traces
+  fn, init = no_scoring_pass(full)
+  fns["no_gumbel"] = (fn.lower(init, data, idx).compile(), init)  # traced now
+  _selective_backprop.gumbel_top_k = gumbel_top_k
+  fns["no_write"] = no_scoring_pass(full._replace(write=no_write))
+  fns["lookup_only"] = no_scoring_pass(full._replace(lookup=lookup_only))
+  fns["neither"] = no_scoring_pass(full._replace(lookup=lookup_only,
+                                                 write=no_write))
 carry = {name: jax.tree.map(lambda x: jnp.array(x, copy=True), c)
          for name, (_, c) in fns.items()}
 
@@ -81,3 +122,5 @@ med = {name: 1e3 * statistics.median(v) / k for name, v in times.items()}
 print(model_name, b, presample, {n: round(v, 3) for n, v in med.items()},
       "no_scoring_pass / t_u = %.3f, uniform / t_u = %.3f" % (
           med["no_scoring_pass"] / med["t_u"], med["uniform"] / med["t_u"]))
+for name, ms in med.items():
+  print(f"{name:16s} {ms:.3f} ms  / t_u {ms / med['t_u']:.3f}")
