@@ -24,6 +24,20 @@ def fake_data(tmp_path_factory):
       str(tmp_path_factory.mktemp("data")), n_train=160, n_test=40)
 
 
+# The longest modules first (their times from `pytest --junitxml`): with
+# `--dist loadfile` pytest-xdist hands each worker whole modules in
+# collection order, so a long module left for the end runs alone while the
+# other worker idles.
+_LONGEST_FIRST = ("test_experiments_multihost", "test_experiments_main",
+                  "test_experiments_train", "test_faults", "test_step",
+                  "test_benchmarks", "test_sharding", "test_multihost")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
 # Property tests draw the same examples on every run, so CI cannot go red by
 # chance; HYPOTHESIS_PROFILE=explore draws new ones (and may find new bugs).
 hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
