@@ -26,10 +26,18 @@ class PruneState(NamedTuple):
   steps: Array
 
 
+# Scores within this relative distance of the mean count as at the mean
+# (kept): rounding, which differs between layouts (one device, a mesh), then
+# cannot flip them. A score table fills never-scored examples with the mean
+# of the presample's scored ones, which is the presample's mean exactly.
+_AT_MEAN = 1e-4
+
+
 def keep_probabilities(scores: Array, prune: float) -> Array:
   """``π_i = 1 − prune`` where ``s_i`` is below the mean of ``scores``, else 1."""
   s = jnp.asarray(scores, jnp.float32)
-  return jnp.where(s < jnp.mean(s), 1.0 - prune, 1.0)
+  mean = jnp.mean(s)
+  return jnp.where(s < mean - _AT_MEAN * jnp.abs(mean), 1.0 - prune, 1.0)
 
 
 def infobatch(prune: float = 0.5, anneal_step: Optional[int] = None

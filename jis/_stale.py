@@ -24,6 +24,10 @@ from jis import _validate
 Array = jax.Array
 PyTree = Any
 
+# scored_at read for an index outside the table: counts as scored (and
+# never too old), so that its NaN score reaches the step's fallback.
+_NEVER_OLD = np.iinfo(np.int32).max
+
 
 class TableState(NamedTuple):
   """The score table, a pytree in ``ImportanceState.table``.
@@ -90,7 +94,7 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   resampling step does, instead of the presample forward pass::
 
       s = table[index]                  # B stale scores, no forward pass
-      s[never scored] = mean(table[scored])      # 1.0 before any is scored
+      s[never scored] = mean(s[scored])          # 1.0 if none of the B is
       ... transforms, policy, train_step on the selected b, as usual ...
       table[index[selected]] = score(trained examples)   # refresh them
 
@@ -111,8 +115,8 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   Costs: the table holds ``8 N`` bytes (a float32 score and an int32 step per
   example) in the state, donated and updated in place with the state; each
   step reads ``B`` entries, writes ``b`` (or ``B`` on fresh steps), and
-  reduces the table once to fill unscored entries (``O(N)``, far below a
-  forward pass for ``N`` up to millions). Indices must lie in ``[0, N)``.
+  fills the unscored ones from the presample's own (``O(B)``: nothing in a
+  step reads the whole table). Indices must lie in ``[0, N)``.
   Inside ``jit`` they can only be checked on device: a step whose presample
   holds an index outside reports ``is/bad_index = 1``, reads NaN for it and
   falls back to uniform scores (``is/fallback = 1``); an index known at trace
@@ -171,13 +175,14 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
     return ok
 
   def lookup(table, indices, step):
-    ok = valid(table.scored_at, step)
-    count = jnp.sum(ok)
-    fill = jnp.where(count > 0,
-                     jnp.sum(jnp.where(ok, table.scores, 0.0))
-                     / jnp.maximum(count, 1).astype(jnp.float32), 1.0)
+    # Out of range: a NaN score counted as scored, so the step falls back.
     scores = jnp.take(table.scores, indices, mode="fill", fill_value=jnp.nan)
-    scored = jnp.take(ok, indices, mode="fill", fill_value=True)
+    at = jnp.take(table.scored_at, indices, mode="fill", fill_value=_NEVER_OLD)
+    scored = valid(at, step)
+    count = jnp.sum(scored)
+    fill = jnp.where(count > 0,
+                     jnp.sum(jnp.where(scored, scores, 0.0))
+                     / jnp.maximum(count, 1).astype(jnp.float32), 1.0)
     return jnp.where(scored, scores, fill), scored
 
   def write(table, indices, scores, step):

@@ -196,3 +196,16 @@ def test_the_stale_mode_on_8_devices_equals_one_device():
   np.testing.assert_allclose(eight.table.scores, one.table.scores, rtol=1e-5,
                              atol=1e-6)
   np.testing.assert_array_equal(eight.table.scored_at, one.table.scored_at)
+
+
+def test_scores_at_the_mean_are_kept_whatever_the_rounding():
+  # A score table fills never-scored examples with the mean of the scored
+  # ones in the presample: the presample's mean, up to rounding that differs
+  # between one device and a mesh. Such scores are kept (π = 1) either way.
+  from jis import _pruning
+  mean = np.float32(0.4)
+  for at_mean in (mean, np.nextafter(mean, np.float32(0)),
+                  np.nextafter(mean, np.float32(1))):
+    s = np.array([0.1, 0.7] + [at_mean] * 14, np.float32)
+    keep = np.asarray(_pruning.keep_probabilities(jnp.asarray(s), 0.5))
+    np.testing.assert_array_equal(keep, [0.5] + [1.0] * 15)

@@ -82,6 +82,10 @@ def test_write_keeps_the_first_of_duplicates_and_lookup_fills_the_unscored():
   scores, scored = table.lookup(state, jnp.array([0, 1, 2, 4, 5]), 8)
   np.testing.assert_allclose(scores, [3.0, 2.0, 6.0, 1.0, 3.0])  # mean of 2, 6, 1
   np.testing.assert_array_equal(scored, [False, True, True, True, False])
+  # The fill is the mean of the presample's scored entries (O(B)), not of
+  # the whole table's: example 2 (score 6) is not in this presample.
+  scores, _ = table.lookup(state, jnp.array([0, 1, 4]), 8)
+  np.testing.assert_allclose(scores, [1.5, 2.0, 1.0])
   scores, scored = table.lookup(table.init(), jnp.array([0, 3]), 0)
   np.testing.assert_array_equal(scores, [1.0, 1.0])   # nothing scored: uniform
   assert not np.any(scored)

@@ -11,8 +11,9 @@ experiments' loop does). Usage:
 
 With a fifth argument ``ablate``, also the no-scoring-pass step on arrays
 instead of ``jis.Indexed``, and with one piece replaced by a no-op: the
-Gumbel top-k (the first b rows), the table's write, its lookup (no fill of
-unscored entries), both. Those variants are not correct samplers; they only
+Gumbel top-k (the first b rows), its noise alone (a top-k of fixed
+perturbations), its top-k alone (the noise, then the first b rows), the
+table's write, its lookup (no fill of unscored entries), both. Those variants are not correct samplers; they only
 show what each piece costs (docs/performance_notes.md, section 13).
 """
 import statistics
@@ -87,6 +88,20 @@ def first_b(key, log_keep, m):
   return jnp.arange(m), jnp.min(log_keep)
 
 
+def top_k_only(key, log_keep, m):
+  """The top-k without the Gumbel noise (its random bits)."""
+  del key
+  noise = 1e-3 * jnp.arange(log_keep.shape[0], dtype=jnp.float32)
+  values, indices = jax.lax.top_k(log_keep + noise, m + 1)
+  return indices[:m].astype(jnp.int32), values[m]
+
+
+def noise_only(key, log_keep, m):
+  """The Gumbel noise, then the first m (no top-k)."""
+  perturbed = log_keep + jax.random.gumbel(key, log_keep.shape, jnp.float32)
+  return jnp.arange(m), jnp.min(perturbed)
+
+
 def lookup_only(table, indices, step):
   del step
   return (jnp.take(table.scores, indices, mode="clip"),
@@ -101,6 +116,10 @@ if ablate:
   _selective_backprop.gumbel_top_k = first_b   # read when the step traces
   fn, init = no_scoring_pass(full)
   fns["no_gumbel"] = (fn.lower(init, data, idx).compile(), init)  # traced now
+  for name, variant in (("top_k_only", top_k_only), ("noise_only", noise_only)):
+    _selective_backprop.gumbel_top_k = variant
+    fn, init = no_scoring_pass(full)
+    fns[name] = (fn.lower(init, data, idx).compile(), init)
   _selective_backprop.gumbel_top_k = gumbel_top_k
   fns["no_write"] = no_scoring_pass(full._replace(write=no_write))
   fns["lookup_only"] = no_scoring_pass(full._replace(lookup=lookup_only))
