@@ -11,10 +11,11 @@ experiments' loop does). Usage:
 
 With a fifth argument ``ablate``, also the no-scoring-pass step on arrays
 instead of ``jis.Indexed``, and with one piece replaced by a no-op: the
-Gumbel top-k (the first b rows), its noise (a top-k of fixed
-perturbations instead), its top-k (the noise, then the first b rows), the
-table's write, its lookup (no fill of unscored entries), both. Those variants are not correct samplers; they only
-show what each piece costs (docs/performance_notes.md, section 13).
+Gumbel top-k (the first b rows), its noise (a top-k of fixed perturbations
+instead), its top-k (the noise, then the first b rows), the table's write,
+its lookup (no fill of unscored entries), both. Those variants are not
+correct samplers; they only show what each piece costs
+(docs/performance_notes.md, sections 13 and 15).
 """
 import statistics
 import sys
