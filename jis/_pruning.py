@@ -34,7 +34,10 @@ _AT_MEAN = 1e-4
 
 
 def keep_probabilities(scores: Array, prune: float) -> Array:
-  """``π_i = 1 − prune`` where ``s_i`` is below the mean of ``scores``, else 1."""
+  """``π_i = 1 − prune`` where ``s_i`` is below the mean of ``scores``, else 1.
+
+  A score within ``1e-4`` of the mean (relative) counts as at the mean.
+  """
   s = jnp.asarray(scores, jnp.float32)
   mean = jnp.mean(s)
   return jnp.where(s < mean - _AT_MEAN * jnp.abs(mean), 1.0 - prune, 1.0)
