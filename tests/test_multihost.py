@@ -105,7 +105,8 @@ def two_process_results(tmp_path_factory):
   out = tmp_path_factory.mktemp("multihost")
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
+                      "--xla_backend_optimization_level=0"}   # as conftest.py
   procs = [subprocess.Popen(
       [sys.executable, __file__, "worker", str(i), str(port),
        str(out / f"{i}.npz")], env=env, stdout=subprocess.PIPE,
