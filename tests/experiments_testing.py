@@ -120,6 +120,15 @@ def write_fake_data(root: str, n_train: int = 96, n_test: int = 48,
 _SESSION_CACHE = []
 
 
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a subprocess with ``devices`` CPU devices, keeping the
+  test session's other flags (``conftest.py``: kernels at LLVM -O0)."""
+  count = "--xla_force_host_platform_device_count"
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith(count + "=")]
+  return " ".join([f"{count}={devices}"] + kept)
+
+
 def session_cache_dir() -> str:
   """One JAX compilation cache for all the experiments tests of a process
   (and the subprocesses they start), removed at exit."""

@@ -71,8 +71,7 @@ def start_two_processes(config, workdir: str, name: str = "run") -> list:
   each process logs to ``{workdir}.{name}.log{i}``."""
   env = experiments_testing.cache_env()
   env.update(JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-                       "--xla_backend_optimization_level=0")   # as conftest.py
+             XLA_FLAGS=experiments_testing.xla_flags(2))
   env[input_pipeline.DATA_DIR_ENV] = config.dataset.data_dir
   port = _free_port()
   procs = []

@@ -20,6 +20,7 @@ import optax
 import pytest
 from flax.training import train_state
 
+import experiments_testing
 import jis
 
 STEPS, B, b, FEATURES, CLASSES = 4, 32, 16, 5, 3
@@ -105,8 +106,7 @@ def two_process_results(tmp_path_factory):
   out = tmp_path_factory.mktemp("multihost")
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
-                      "--xla_backend_optimization_level=0"}   # as conftest.py
+         "XLA_FLAGS": experiments_testing.xla_flags(4)}
   procs = [subprocess.Popen(
       [sys.executable, __file__, "worker", str(i), str(port),
        str(out / f"{i}.npz")], env=env, stdout=subprocess.PIPE,
