@@ -176,17 +176,21 @@ class Cadence:
     return min(k - step % k, self.stop_step - step)
 
   def chunk_sizes(self, start_step: int, steps_per_dispatch: int) -> set:
-    """The dispatch sizes a run from ``start_step`` needs:
-    ``steps_per_dispatch``, a shorter first one when ``start_step`` is not a
-    multiple of it, and a shorter last one when the step budget is not."""
-    k, step = steps_per_dispatch, start_step
-    sizes = {k}
-    if step < self.stop_step and step % k:
+    """The dispatch sizes a run from ``start_step`` uses, so that only those
+    are compiled: a shorter first one when ``start_step`` is not a multiple
+    of ``steps_per_dispatch``, then ``steps_per_dispatch`` while the step
+    budget allows (always without one), then a shorter last one. A run with
+    nothing left to do still gets ``{steps_per_dispatch}``."""
+    k, step, stop = steps_per_dispatch, start_step, self.stop_step
+    sizes = set()
+    if step < stop and step % k:
       sizes.add(self.chunk(step, k))
       step += self.chunk(step, k)
-    if self.stop_step != NO_STEP_BUDGET and step < self.stop_step:
-      sizes.add((self.stop_step - step) % k or k)
-    return sizes
+    if stop == NO_STEP_BUDGET or stop - step >= k:
+      sizes.add(k)
+    if stop != NO_STEP_BUDGET and (stop - step) % k:
+      sizes.add((stop - step) % k)
+    return sizes or {k}
 
   def done(self, step: int, train_seconds: float) -> bool:
     """Whether a budget is spent."""

@@ -390,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       unroll=bool(config.get("scan_unroll", False)))
   logging.info("Compiled the training program%s in %.1f s.",
                "s" if len(sizes) > 1 else "", time.perf_counter() - t0)
-  hlo.warn_if_slow_on_cpu(chunk_fns[k], k)
+  hlo.warn_if_slow_on_cpu(chunk_fns[max(sizes)], max(sizes))
 
   clocks = cadence.Clocks(train_seconds)
   out = _Outputs(workdir, writer, ckpt, clocks, n_train / b, {

@@ -28,9 +28,10 @@ def fake_data(tmp_path_factory):
 # `--dist loadfile` pytest-xdist hands each worker whole modules in
 # collection order, so a long module left for the end runs alone while the
 # other worker idles.
-_LONGEST_FIRST = ("test_experiments_multihost", "test_experiments_main",
-                  "test_experiments_train", "test_faults", "test_step",
-                  "test_benchmarks", "test_sharding", "test_multihost")
+_LONGEST_FIRST = ("test_experiments_multihost", "test_faults",
+                  "test_experiments_main", "test_experiments_train",
+                  "test_benchmarks", "test_step", "test_sharding",
+                  "test_multihost")
 
 
 def pytest_collection_modifyitems(items):

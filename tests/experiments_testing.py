@@ -122,7 +122,7 @@ _SESSION_CACHE = []
 
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for a subprocess with ``devices`` CPU devices, keeping the
-  test session's other flags (``conftest.py``: kernels at LLVM -O0)."""
+  test session's other flags (``conftest.py``: cheap compiling)."""
   count = "--xla_force_host_platform_device_count"
   kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
           if not f.startswith(count + "=")]

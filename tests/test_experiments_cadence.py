@@ -58,6 +58,12 @@ def test_epoch_budget_and_chunk_sizes():
   assert unbounded.total_steps() is None
   assert unbounded.chunk_sizes(3, 4) == {1, 4}
   assert unbounded.chunk_sizes(8, 4) == {4}
+  # Only the sizes a run dispatches are compiled: a budget shorter than
+  # steps_per_dispatch needs no full-size dispatch.
+  assert schedule.chunk_sizes(0, 16) == {10}
+  assert schedule.chunk_sizes(8, 4) == {2}
+  assert schedule.chunk_sizes(7, 4) == {1, 2}
+  assert schedule.chunk_sizes(0, 5) == {5}
 
 
 def test_time_cadences_follow_the_agreed_reading():

@@ -28,7 +28,15 @@ from experiments import input_pipeline
 from experiments import metric_writer
 from experiments import train
 import experiments_testing
-from experiments_testing import tiny_config
+
+
+def tiny_config(data_dir, **overrides):
+  """``experiments_testing.tiny_config`` dispatching 3 steps at a time: every
+  run here lasts a multiple of 3 steps, so each process compiles one
+  training program (process 1 never reads the compilation cache: JAX reads
+  and writes it from process 0 only, and the cache keys differ by process)."""
+  return experiments_testing.tiny_config(
+      data_dir, **{"steps_per_dispatch": 3, **overrides})
 
 TIMEOUT_S = 150   # per two-process launch; a run takes ~25 s on 2 busy cores
 
