@@ -341,6 +341,10 @@ def test_convergence_quick_on_two_models(out_dir, tmp_path):
     assert [p["epoch"] for p in uniform["curve"]] == [0, 0.8, 1.2, 1.6, 2]
     assert uniform["train_lines"]["step"] == list(range(10, 51, 10))
     default = runs["default"]
+    # Paired by seed: default trains for its seed's uniform time.
+    assert uniform["budget_seconds"] == uniform["train_seconds"]
+    assert default["budget_seconds"] == uniform["train_seconds"]
+    assert default["train_seconds"] >= default["budget_seconds"]
     lines = default["train_lines"]
     assert lines["step"][-1] == default["steps"]
     assert default["is_active_fraction"] == pytest.approx(
@@ -364,6 +368,30 @@ def _fake_run(method, seed, losses, accs, ms=5.0, active=0.0):
           **convergence.train_line_stats(lines),
           "spikes": convergence.spikes(curve), "curve": curve,
           "train_lines": lines}
+
+
+def test_each_run_is_read_at_its_own_seeds_budget():
+  """Seed 0's runs end at 10 s, seed 1's at 20 s: each is read at its own
+  budget, not at the median (15 s), where seed 0 would be past its end."""
+  runs = {m: [] for m in ("uniform", "default")}
+  for seed, t_end in ((0, 10.0), (1, 20.0)):
+    for method, end_loss in (("uniform", 0.4), ("default", 0.1)):
+      r = _fake_run(method, seed, [2.0, 1.0, end_loss], [0.1, 0.5, 0.9])
+      r["curve"] = _curve([0, t_end / 2, t_end], [2.0, 1.0, end_loss],
+                          [0.1, 0.5, 0.9], epochs=[0, 1, 2])
+      r["budget_seconds"] = t_end
+      runs[method].append(r)
+  summary = convergence.summarize_model(runs, 15.0)
+  assert summary["uniform_final_train_loss"] == pytest.approx(0.4)
+  assert summary["methods"]["default"]["train_loss"]["min"] == pytest.approx(
+      0.1)
+  # Without a budget of their own (older JSON), runs are read at the median:
+  # seed 1 at 15 s, between 1.0 (10 s) and 0.4 (20 s) in log space.
+  for r in runs["uniform"]:
+    del r["budget_seconds"]
+  old = convergence.summarize_model(runs, 15.0)
+  assert old["methods"]["uniform"]["train_loss"]["max"] == pytest.approx(
+      0.4 ** 0.5)
 
 
 def _synthetic_convergence(models=("mnist_mlp", "mnist_cnn", "reuters_mlp")):

@@ -13,10 +13,13 @@ to uniform's final training loss and to uniform's final test accuracy; ms per
 step; the fraction of importance steps (``is/active``); the largest weight
 (``is/max_weight``); and loss spikes after the first epoch.
 
-The budget of a model is uniform's time for its number of epochs
-(:data:`MODELS`, ``--budget_epochs``), median over the seeds, measured first;
-every other method then trains for that many seconds. ``--budget_seconds``
-sets it directly.
+The runs go seed by seed. Uniform trains first, for the model's number of
+epochs (:data:`MODELS`, ``--budget_epochs``); every other method then trains
+on the same seed for the seconds that uniform run took, and each run is read
+at its own budget. Run next to each other, the methods of a seed meet the
+same machine speed (a shared 2-core machine drifts by 2x over minutes);
+the model's budget is the median over seeds. ``--budget_seconds`` sets one
+budget in seconds for every run instead.
 
   python -m experiments.benchmarks.convergence --quick    # smoke, ~2-3 min
   python -m experiments.benchmarks.convergence            # all four, ~1 h
@@ -373,24 +376,22 @@ def reach_stats(times: Sequence[Optional[float]], budget: float
 
 def summarize_model(runs: Dict[str, List[Dict[str, object]]],
                     budget: float) -> Dict[str, object]:
-  """Per method, over seeds: the values at the budget, the times to
+  """Per method, over seeds: the values at the budget (each run's own, its
+  seed's uniform time, when it has one; else ``budget``), the times to
   uniform's final training loss and test accuracy, the step cost, the
   importance-sampling activity and the spikes."""
-  final_loss = statistics.median(
-      value_at(r["curve"], budget, "train_loss", log=True)
-      for r in runs["uniform"])
-  final_acc = statistics.median(
-      value_at(r["curve"], budget, "test_accuracy") for r in runs["uniform"])
+  at = lambda r, key, log=False: value_at(
+      r["curve"], r.get("budget_seconds", budget), key, log)
+  final_loss = statistics.median(at(r, "train_loss", True)
+                                 for r in runs["uniform"])
+  final_acc = statistics.median(at(r, "test_accuracy") for r in runs["uniform"])
   out = {"uniform_final_train_loss": final_loss,
          "uniform_final_test_accuracy": final_acc, "methods": {}}
   for method, seeds in runs.items():
     out["methods"][method] = {
-        "train_loss": stats([value_at(r["curve"], budget, "train_loss", True)
-                             for r in seeds]),
-        "test_accuracy": stats([value_at(r["curve"], budget, "test_accuracy")
-                                for r in seeds]),
-        "test_loss": stats([value_at(r["curve"], budget, "test_loss", True)
-                            for r in seeds]),
+        "train_loss": stats([at(r, "train_loss", True) for r in seeds]),
+        "test_accuracy": stats([at(r, "test_accuracy") for r in seeds]),
+        "test_loss": stats([at(r, "test_loss", True) for r in seeds]),
         "time_to_uniform_final_loss": reach_stats(
             [time_to_reach(r["curve"], final_loss, "train_loss")
              for r in seeds], budget),
@@ -576,18 +577,24 @@ def run(models: Sequence[str] = tuple(MODELS),
                              else spec.eval_points)
     budget = budget_seconds.get(model, 0.0)
     runs, fields, info = {m: [] for m in order}, {}, {}
-    # Uniform first: with no budget in seconds it defines the budget.
-    for method in order:
-      for seed in range(first_seed, first_seed + seeds):
+    # Seed by seed, uniform first: the machine's speed drifts over minutes,
+    # so each method trains right after the uniform run of its seed, for
+    # that run's time (unless the budget is given in seconds).
+    for seed in range(first_seed, first_seed + seeds):
+      for method in order:
         by_epochs = method == "uniform" and not budget_seconds.get(model)
+        seed_budget = (budget if budget_seconds.get(model)
+                       else runs["uniform"][-1]["train_seconds"]
+                       if not by_epochs else 0.0)
         cfg = make_config(
             model, method, seed, data_dir, quick,
             budget_epochs=epochs if by_epochs else 0.0,
-            budget_seconds=0.0 if by_epochs else budget,
-            eval_points=points, sampler=all_methods[method])
+            budget_seconds=seed_budget, eval_points=points,
+            sampler=all_methods[method])
         fields[method] = sampler_fields(cfg)
         r = run_one(cfg, os.path.join(workdir, model, f"{method}_s{seed}"))
-        r = {"method": method, "seed": seed, **r}
+        r = {"method": method, "seed": seed, **r,
+             "budget_seconds": seed_budget or r["train_seconds"]}
         runs[method].append(r)
         last = r["curve"][-1]
         info = {"batch_size": int(cfg.batch_size),
@@ -599,8 +606,8 @@ def run(models: Sequence[str] = tuple(MODELS),
               f"train loss {last['train_loss']:.4f}, test accuracy "
               f"{last['test_accuracy']:.2%}, IS active "
               f"{r['is_active_fraction'] or 0:.2f}", flush=True)
-      if method == "uniform" and not budget_seconds.get(model):
-        budget = statistics.median(r["train_seconds"] for r in runs["uniform"])
+    if not budget_seconds.get(model):
+      budget = statistics.median(r["train_seconds"] for r in runs["uniform"])
     summary = summarize_model(runs, budget)
     result["models"][model] = {
         "title": spec.title, "config": f"experiments/configs/{model}.py",
