@@ -426,6 +426,19 @@ def _synthetic_convergence(models=("mnist_mlp", "mnist_cnn", "reuters_mlp")):
   return result
 
 
+def test_the_report_says_how_each_model_got_its_budget():
+  r = _synthetic_convergence(("mnist_mlp", "reuters_mlp"))
+  assert "(median over seeds); every other" in report._budget_rule(r)
+  for run in r["models"]["mnist_mlp"]["runs"]:
+    run["budget_seconds"] = 10.0
+  rule = report._budget_rule(r)   # pylint: disable=protected-access
+  assert rule.startswith("Seed by seed")
+  assert "Measured before that rule (Reuters MLP)" in rule
+  for run in r["models"]["reuters_mlp"]["runs"]:
+    run["budget_seconds"] = 10.0
+  assert "Measured before" not in report._budget_rule(r)
+
+
 def _part(command, models):
   return {"command": command, "date": "d", "code": {"commit": command},
           "load_start": [0.0], "models": models}

@@ -146,6 +146,28 @@ def _s_per_epoch(ms: Optional[float], entry: Dict) -> str:
   return "" if ms is None or not spe else f"{ms * spe / 1e3:.3g}"
 
 
+def _budget_rule(r) -> str:
+  """How the runs of ``r`` got their budgets: paired by seed (runs that
+  record their own ``budget_seconds``) or at one budget per model."""
+  paired = [e.get("title", k) for k, e in r["models"].items()
+            if e.get("runs") and all("budget_seconds" in x for x in e["runs"])]
+  median = ("Each model's budget is uniform's training time for its epochs "
+            "(median over seeds); every other method trains that many "
+            "seconds.")
+  if not paired:
+    return median
+  rule = ("Seed by seed, uniform trains for the model's epochs and every "
+          "other method then trains on the same seed for that run's time, "
+          "each read at its own budget, so the methods compared meet the "
+          "same machine speed; the budget shown is the median over seeds.")
+  others = [e.get("title", k) for k, e in r["models"].items()
+            if e.get("title", k) not in paired]
+  if others:
+    rule += (f" Measured before that rule ({', '.join(others)}): "
+             + median[0].lower() + median[1:])
+  return rule
+
+
 def four_model_table(r: Optional[Dict], method: str = "default") -> str:
   """One row per model of the original library's examples: uniform against
   ``method`` at the budget, beside the original's figures; a model not in
@@ -275,9 +297,8 @@ def convergence_section(r: Dict, plots: str, rel: str) -> str:
           f"*Code:* jis {code.get('jis')}, commit {code.get('commit')}"
           f"{' (with uncommitted changes)' if code.get('dirty') else ''}.\n",
           f"Methods: {methods}. {r['seeds']} seed(s) each (from seed "
-          f"{r['first_seed']}). Each model's budget is uniform's training "
-          "time for its epochs (median over seeds); every other method trains "
-          "that many seconds. Training clock only (compilation, evaluation "
+          f"{r['first_seed']}). {_budget_rule(r)} Training clock only "
+          "(compilation, evaluation "
           "and logging excluded). Training loss: the whole training split in "
           "inference mode; values at the budget are median [min–max] over "
           "seeds, interpolated between evaluations. *t → uniform's loss / "
@@ -447,7 +468,8 @@ def readme_summary(in_dir: str = common.RESULTS_DIR,
         "uniform against jis's defaults at "
         f"equal training time; {m['cores']}-core {m['backend']}, "
         f"{cv['date'][:10]}, commit {str(code.get('commit'))[:7]}): medians "
-        "over seeds at the budget (uniform's time for its epochs); the "
+        "over seeds at the budget (uniform's time for its epochs, paired "
+        "by seed where docs/benchmarks.md says so); the "
         "original's figures are from its examples page (Keras, CPU).\n")
     lines.append("  " + four_model_table(cv).replace("\n", "\n  ") + "\n")
     if cv.get("targets"):
