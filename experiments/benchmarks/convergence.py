@@ -583,9 +583,12 @@ def run(models: Sequence[str] = tuple(MODELS),
     for seed in range(first_seed, first_seed + seeds):
       for method in order:
         by_epochs = method == "uniform" and not budget_seconds.get(model)
-        seed_budget = (budget if budget_seconds.get(model)
-                       else runs["uniform"][-1]["train_seconds"]
-                       if not by_epochs else 0.0)
+        if budget_seconds.get(model):
+          seed_budget = budget
+        elif by_epochs:
+          seed_budget = 0.0   # this run's time is the seed's budget
+        else:
+          seed_budget = runs["uniform"][-1]["train_seconds"]
         cfg = make_config(
             model, method, seed, data_dir, quick,
             budget_epochs=epochs if by_epochs else 0.0,
