@@ -6,7 +6,7 @@ implementation of the algorithm: each call splits the user's objects into a
 pure train state (``nnx.split``), runs :func:`jis.importance_step`'s ``step``
 on it with a pure train step that merges, calls the user's step and splits
 again, and writes the result back into the objects (``nnx.update``) and into
-the sampler's own :class:`SamplerState` variables.
+the sampler's own :class:`SamplerState` variable.
 """
 
 import inspect
@@ -20,17 +20,16 @@ from jis import _step
 
 PyTree = Any
 
-# The ImportanceState fields the sampler keeps in its variables; ``inner`` is
-# the user's objects, which keep their own state.
-_SAMPLER_FIELDS = tuple(
-    f for f in _step.ImportanceState._fields if f != "inner")
 _STREAM = "jis"
 
 
 class SamplerState(nnx.Variable):
   """jis's state in an :class:`ImportanceSampler` (as ``nnx.OptState`` is an
-  optimizer's): the PRNG key, the step count, τ and the condition, score
-  transform, policy and score table states."""
+  optimizer's): one variable holding a :class:`jis.ImportanceState` whose
+  ``inner`` is empty (the PRNG key, the step count, τ and the condition,
+  score transform, policy and score table states). One variable, not one
+  per leaf: ``nnx.jit`` walks every graph node on every call, and eight
+  variables cost it about twice the Python time of one."""
 
 
 class _Objects(struct.PyTreeNode):
@@ -212,9 +211,11 @@ class ImportanceSampler(nnx.Pytree):
       (``presample``, ``loss``, ``labels``, ``score``, ``tau_threshold``, ...).
 
   Attributes:
-    key, step, tau, condition, transforms, policy, table: the
-      :class:`jis.ImportanceState` fields other than ``inner``, held in
-      :class:`SamplerState` variables (``sampler.tau[...]``).
+    state: the :class:`SamplerState` variable holding the
+      :class:`jis.ImportanceState` fields other than ``inner``
+      (``sampler.state.get_value().tau``).
+    key, step, tau, condition, transforms, policy, table, tau_step: those
+      fields, read-only (``sampler.tau``).
     pure: the :class:`jis.ImportanceStep` the sampler runs.
 
   Examples:
@@ -240,7 +241,7 @@ class ImportanceSampler(nnx.Pytree):
     ...   return sampler(model, optimizer, batch)
     >>> batch = {"x": jnp.ones((8, 3)), "label": jnp.array([0, 1] * 4)}
     >>> metrics = step(sampler, model, optimizer, batch)
-    >>> int(sampler.step[...]), int(optimizer.step[...])
+    >>> int(sampler.step), int(optimizer.step[...])
     (1, 1)
     >>> float(metrics["is/active"])
     1.0
@@ -273,10 +274,7 @@ class ImportanceSampler(nnx.Pytree):
         None if logits_fn is None else _pure_logits_fn(logits_fn),
         batch_size=batch_size, **options)
     # rngs["jis"] falls back to the default stream, as rngs.dropout does.
-    state = self.pure.init((), rngs[_STREAM]())
-    for name in _SAMPLER_FIELDS:
-      setattr(self, name, nnx.data(jax.tree.map(SamplerState,
-                                                getattr(state, name))))
+    self.state = SamplerState(self.pure.init((), rngs[_STREAM]()))
 
   def __call__(self, *objects_and_batch) -> dict:
     """``sampler(*objects, batch)``: one importance-sampled ``train_step``.
@@ -292,16 +290,20 @@ class ImportanceSampler(nnx.Pytree):
     objects, batch = self._check_call(objects_and_batch)
     graph = (nnx.set_graph_mode.current_value() if self.graph is None
              else self.graph)
-    state = _step.ImportanceState(
-        inner=_split(objects, graph),
-        **{name: nnx.as_pure(getattr(self, name)) for name in _SAMPLER_FIELDS})
+    state = self.state.get_value()._replace(inner=_split(objects, graph))
     state, metrics = self.pure.step(state, batch)
     nnx.update(objects, state.inner.params, state.inner.rest)
-    for name in _SAMPLER_FIELDS:
-      jax.tree.map(lambda var, value: var.set_value(value),
-                   getattr(self, name), getattr(state, name),
-                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+    self.state.set_value(state._replace(inner=()))
     return metrics
+
+  def _field(name):   # pylint: disable=no-self-argument
+    return property(lambda self: getattr(self.state.get_value(), name),
+                    doc=f"The sampler's ``{name}`` (read-only).")
+
+  key, step, tau, tau_step = map(_field, ("key", "step", "tau", "tau_step"))
+  condition, transforms = map(_field, ("condition", "transforms"))
+  policy, table = map(_field, ("policy", "table"))
+  del _field
 
   def _check_call(self, args):
     usage = ("Call sampler(model, [optimizer, metrics, rngs, ...], batch): "

@@ -63,7 +63,7 @@ def sample_categorical(key: Array, probs: Array, num: int) -> Array:
   """
   cdf = jnp.cumsum(probs.astype(jnp.float32))
   u = jax.random.uniform(key, (num,), jnp.float32) * cdf[-1]
-  idx = jnp.searchsorted(cdf, u, side="right")
+  idx = jnp.searchsorted(cdf, u, side="right", method="scan_unrolled")
   return jnp.minimum(idx, probs.shape[0] - 1).astype(jnp.int32)
 
 

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jis import _policies
-from jis import _selective_backprop
 from jis import _validate
 
 Array = jax.Array
@@ -43,21 +42,57 @@ def keep_probabilities(scores: Array, prune: float) -> Array:
   return jnp.where(s < mean - _AT_MEAN * jnp.abs(mean), 1.0 - prune, 1.0)
 
 
+def inclusion_probabilities(keep: Array, num: int) -> Array:
+  """``ρ_i = min(1, c π_i)`` with ``Σ ρ = num``, for ``keep = π`` that takes
+  at most two values, 1 and one below it (InfoBatch's).
+
+  Uncapped, ``c = num / Σ π``. When that would put ``ρ > 1`` on the kept
+  examples (``Σ π < num``: fewer kept in expectation than the batch holds),
+  every ``π = 1`` example is taken (``ρ = 1``) and the rest of the batch is
+  spread evenly over the others.
+  """
+  keep = jnp.asarray(keep, jnp.float32)
+  high = keep >= 1.0
+  scale = num / jnp.sum(keep)
+  spill = (num - jnp.sum(high)) / jnp.maximum(jnp.sum(~high), 1)
+  return jnp.where(scale <= 1.0, scale * keep, jnp.where(high, 1.0, spill))
+
+
+def systematic_sample(key: Array, rho: Array, num: int) -> Array:
+  """``num`` distinct positions, position ``i`` included with probability
+  ``ρ_i`` exactly (``ρ ≤ 1``, ``Σ ρ = num``): systematic sampling.
+
+  One uniform ``u`` and the points ``u, u + 1, ..., u + num − 1`` on the
+  cumulative sum of ``ρ``; each point falls in one position's interval, of
+  length ``ρ_i ≤ 1``, which holds at most one point. O(B + num log B) and no
+  sort: a cumulative sum and a binary search. The joint inclusions depend on
+  the order of the positions, which for a uniform presample is random.
+  """
+  cdf = jnp.cumsum(rho.astype(jnp.float32))
+  cdf = cdf * (num / cdf[-1])           # Σ ρ = num up to rounding
+  points = jax.random.uniform(key, (), jnp.float32) + jnp.arange(
+      num, dtype=jnp.float32)
+  idx = jnp.searchsorted(cdf, points, side="right", method="scan_unrolled")
+  return jnp.minimum(idx, rho.shape[0] - 1).astype(jnp.int32)
+
+
 def infobatch(prune: float = 0.5, anneal_step: Optional[int] = None
               ) -> _policies.Policy:
   """Prune a share of the well-learned examples, rescale the rest (InfoBatch).
 
   Of the ``B`` presampled examples, those whose score is below the
   presample's mean are kept with probability ``1 − prune``, the others
-  always. At a fixed batch size that is: ``b`` of the ``B`` are drawn without
-  replacement, each draw ``∝ π`` among those left (``π = 1 − prune`` below
-  the mean, 1 above; Gumbel top-k), with the priority-sampling weights
-  ``w_i = b / (B q_i)`` of :func:`jis.selective_backprop` (``q_i`` the
-  probability that example ``i`` is drawn). The weighted mean gradient is
-  then an unbiased estimate of the presample's mean gradient, as InfoBatch's
-  rescaling ``1 / (1 − prune)`` is for its epoch; for ``b ≪ B`` the weights
-  of a low-score example are ``1 / (1 − prune)`` times those of a high-score
-  one, InfoBatch's ratio.
+  always. At a fixed batch size that is: ``b`` of the ``B`` are drawn
+  without replacement with inclusion probabilities ``ρ_i ∝ π_i``
+  (``π = 1 − prune`` below the mean, 1 above; capped at 1,
+  :func:`inclusion_probabilities`) by systematic sampling (one uniform
+  number, a cumulative sum and a binary search: no sort and no per-example
+  noise, so the rows are known soon after the scores), with the
+  Horvitz–Thompson weights ``w_i = b / (B ρ_i)``. The weighted mean gradient
+  is then an unbiased estimate of the presample's mean gradient, as
+  InfoBatch's rescaling ``1 / (1 − prune)`` is for its epoch, and a
+  low-score example weighs exactly ``1 / (1 − prune)`` times a high-score
+  one (InfoBatch's ratio) unless the cap binds.
 
   From step ``anneal_step`` on, every example is kept (``π = 1``): a uniform
   draw without replacement with weight 1, InfoBatch's annealing of the last
@@ -95,10 +130,9 @@ def infobatch(prune: float = 0.5, anneal_step: Optional[int] = None
     keep = keep_probabilities(scores, prune)
     if anneal_step is not None:
       keep = jnp.where(state.steps >= anneal_step, jnp.ones_like(keep), keep)
-    log_keep = jnp.log(keep)
-    indices, threshold = _selective_backprop.gumbel_top_k(key, log_keep,
-                                                          batch_size)
-    weights = _selective_backprop.priority_weights(log_keep, indices, threshold)
+    rho = inclusion_probabilities(keep, batch_size)
+    indices = systematic_sample(key, rho, batch_size)
+    weights = batch_size / (keep.shape[0] * rho[indices])
     # Nothing pruned (annealing, or equal scores): a uniform draw without
     # replacement, whose exact weights are 1.
     weights = jnp.where(jnp.all(keep == 1.0), jnp.ones_like(weights), weights)

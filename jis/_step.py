@@ -52,7 +52,9 @@ class ImportanceState(NamedTuple):
 
   Attributes:
     inner: the user's train state, as their ``train_step`` returns it.
-    key: the PRNG key; split at every step.
+    key: the run's PRNG key. It does not change: importance step ``t`` draws
+      with ``jax.random.fold_in(key, t)``, so a uniform step spends no
+      random bits and no kernels on it.
     step: int32 count of steps taken.
     tau: float32 moving average of the variance reduction τ of the importance
       steps (``is/tau``); 0 before the first.
@@ -116,6 +118,8 @@ class _Choice(NamedTuple):
   own: _Own
   draw: _Draw
   fresh: Array        # the presample was scored and written to the table
+  tau: Array          # τ's moving average after this step
+  tau_step: Array     # the step of its latest measurement
 
 
 # ------------------------------------------------------------------ pieces
@@ -245,8 +249,9 @@ def _branch(static, pred, on_true, on_false, operand):
 # ------------------------------------------------------------------ the step
 
 
-def _choose_importance(plan, model, state, batch, key, own, n_scored, n_train):
+def _choose_importance(plan, model, state, batch, own, n_scored, n_train):
   """Scores the first ``n_scored`` presampled rows and draws ``n_train``."""
+  key = jax.random.fold_in(state.key, state.step)
   pool = _indexed.head(batch, n_scored)
   score_pool = lambda: plan.placement.score(
       lambda rows: _scores_of(plan, model, state.inner, rows), pool)
@@ -272,10 +277,10 @@ def _choose_importance(plan, model, state, batch, key, own, n_scored, n_train):
   condition = plan.condition.update(own.condition, scores, state.step)
   return _Choice(sel.indices.astype(jnp.int32), weights,
                  _Own(condition, transforms, sel.state, table), draw,
-                 jnp.asarray(fresh, jnp.bool_))
+                 jnp.asarray(fresh, jnp.bool_), *_moving_tau(plan, state, draw.tau))
 
 
-def _choose_uniform(plan, own, n_train):
+def _choose_uniform(plan, state, own, n_train):
   """The first ``n_train`` presampled rows, weight 1."""
   zero = jnp.zeros((), jnp.float32)
   extra = {}
@@ -289,7 +294,7 @@ def _choose_uniform(plan, own, n_train):
                fallback=zero, extra=extra)
   weights = plan.placement.put(jnp.ones((n_train,), jnp.float32), 0)
   return _Choice(plan.placement.uniform(n_train), weights, own, draw,
-                 jnp.asarray(False))
+                 jnp.asarray(False), state.tau, state.tau_step)
 
 
 def _needs_trained_scores(plan, static) -> tuple:
@@ -329,18 +334,17 @@ def _trained_scores(plan, model, static, rows, before, logits):
   return before
 
 
-def _moving_tau(plan, state, measured: Array, active):
-  """``(τ, tau_step)``: τ's moving average over steps, updated on importance
-  steps. A measurement ``Δ`` steps after the previous one gets the weight
+def _moving_tau(plan, state, measured: Array):
+  """``(τ, tau_step)``: τ's moving average over steps, after an importance
+  step (uniform steps leave both as they are). A measurement ``Δ`` steps after the previous one gets the weight
   ``1 − m^Δ`` (``m`` the momentum): while importance sampling is on (``Δ =
   1``) τ averages about ``1/(1 − m)`` steps; while it is off, a probe
   ``probe_every`` steps after the last all but replaces it, so a sparse
   probe sees what the presample says now. The first measurement sets it."""
   gap = (state.step - state.tau_step).astype(jnp.float32)
   keep = jnp.where(state.tau_step >= 0, plan.tau_momentum ** gap, 0.0)
-  updated = keep * state.tau + (1.0 - keep) * measured
-  return (jnp.where(active, updated, state.tau),
-          jnp.where(active, state.step, state.tau_step).astype(jnp.int32))
+  return (keep * state.tau + (1.0 - keep) * measured,
+          jnp.asarray(state.step, jnp.int32))
 
 
 def _record(plan, choice, static, active, batch, rows, trained, step):
@@ -374,16 +378,16 @@ def _record(plan, choice, static, active, batch, rows, trained, step):
   return _branch(static, active, on_importance, on_uniform, choice.own)
 
 
-def _sized_step(plan, model, state, batch, key, active, static, n_scored,
+def _sized_step(plan, model, state, batch, active, static, n_scored,
                 n_train, extra_metrics=None):
   """One step that scores ``n_scored`` presampled rows and trains on
   ``n_train``; ``static`` names the branch when it is known at trace time."""
   own = _Own(state.condition, state.transforms, state.policy, state.table)
   choice = _branch(
       static, active,
-      lambda own: _choose_importance(plan, model, state, batch, key, own,
+      lambda own: _choose_importance(plan, model, state, batch, own,
                                      n_scored, n_train),
-      lambda own: _choose_uniform(plan, own, n_train), own)
+      lambda own: _choose_uniform(plan, state, own, n_train), own)
   rows = plan.placement.gather(batch, choice.positions)
   weights = choice.weights
   if plan.example_weights is not None:   # the loader's own weights
@@ -394,11 +398,10 @@ def _sized_step(plan, model, state, batch, key, active, static, n_scored,
   trained = _trained_scores(plan, model, static, rows, before, logits)
   own = _record(plan, choice, static, active, batch, rows, trained, state.step)
   draw = choice.draw
-  tau, tau_step = _moving_tau(plan, state, draw.tau, active)
-  new_state = ImportanceState(inner, state.key, state.step + 1, tau, *own,
-                              tau_step=tau_step)
+  new_state = ImportanceState(inner, state.key, state.step + 1, choice.tau,
+                              *own, tau_step=choice.tau_step)
   return new_state, {
-      **metrics, "is/tau": tau, "is/active": jnp.asarray(active, jnp.float32),
+      **metrics, "is/tau": choice.tau, "is/active": jnp.asarray(active, jnp.float32),
       "is/ess": draw.ess, "is/max_weight": draw.max_weight,
       "is/score_mean": draw.score_mean, "is/fallback": draw.fallback,
       "is/variance_reduction": draw.tau, "is/nonfinite": _nonfinite(metrics),
@@ -406,20 +409,20 @@ def _sized_step(plan, model, state, batch, key, active, static, n_scored,
       **draw.extra, **(extra_metrics or {})}
 
 
-def _budget_step(plan, model, state, batch, key, active):
+def _budget_step(plan, model, state, batch, active):
   """The sized step at the bucket τ picks; the uniform step is bucket 0,
   ``(0, b)``. Each bucket trains on its own batch size, so ``train_step``
   runs in each branch of the ``lax.switch``."""
   def sized(n_scored, n_train):
     resample = n_scored > 0
-    return lambda state, batch, key: _sized_step(
-        plan, model, state, batch, key, resample, resample, n_scored, n_train,
+    return lambda state, batch: _sized_step(
+        plan, model, state, batch, resample, resample, n_scored, n_train,
         _budget.metrics(n_scored, n_train))
   bucket = jnp.where(active, 1 + plan.budget.choose(
       state.tau, plan.presample_size, plan.batch_size), 0)
   sizes = ((0, plan.batch_size),) + plan.buckets
   return jax.lax.switch(bucket, [sized(n, a) for n, a in sizes],
-                        state, batch, key)
+                        state, batch)
 
 
 def _check_batch(plan, batch) -> None:
@@ -468,16 +471,14 @@ def _step(plan, model, state: ImportanceState, batch):
   if plan.table is not None:   # a missing index is the first error to see
     _stale.check_index(plan.table, plan.table.index(batch),
                        plan.presample_size)
-  key, draw_key = jax.random.split(state.key)
   active = _active(plan, state)
   if plan.buckets is None:
     new_state, metrics = _sized_step(
-        plan, model, state, batch, draw_key, active, plan.static_active,
+        plan, model, state, batch, active, plan.static_active,
         plan.presample_size, plan.batch_size)
   else:
-    new_state, metrics = _budget_step(plan, model, state, batch, draw_key,
-                                      active)
-  return _put_own(plan, new_state._replace(key=key)), metrics
+    new_state, metrics = _budget_step(plan, model, state, batch, active)
+  return _put_own(plan, new_state), metrics
 
 
 def _init(plan, train_state: PyTree, key: Array) -> ImportanceState:

@@ -73,6 +73,52 @@ def test_the_rescaled_update_is_unbiased(prune):
   assert w.max() / w.min() > 1.5
 
 
+def _capped_reference(keep, num):
+  """Brute force: ρ = min(1, c π) with Σ ρ = num, by capping one at a time."""
+  keep = np.asarray(keep, np.float64)
+  rho, capped = np.zeros_like(keep), np.zeros(keep.shape, bool)
+  while True:
+    c = (num - capped.sum()) / keep[~capped].sum()
+    rho = np.where(capped, 1.0, c * keep)
+    if not np.any(rho > 1 + 1e-12):
+      return rho
+    capped |= rho > 1
+
+
+@pytest.mark.parametrize("keep,num", [
+    ([0.5, 1, 0.5, 1, 1, 0.5, 0.5, 0.5], 3),     # uncapped
+    ([0.2, 1, 0.2, 0.2, 0.2, 0.2, 0.2, 1], 4),   # the two π = 1 capped
+    ([0.5] * 6 + [1, 1], 8),                     # every example
+    ([1.0] * 8, 2),                              # nothing pruned
+])
+def test_systematic_sampling_includes_each_row_with_its_probability(keep, num):
+  from jis import _pruning
+  rho = np.asarray(_pruning.inclusion_probabilities(jnp.array(keep), num))
+  np.testing.assert_allclose(rho, _capped_reference(keep, num), rtol=1e-6)
+  draws = 40000
+  idx = np.asarray(jax.jit(jax.vmap(
+      lambda k: _pruning.systematic_sample(k, jnp.asarray(rho), num)))(
+          jax.random.split(jax.random.key(3), draws)))
+  assert all(len(set(row)) == num for row in idx[:2000])   # distinct
+  freq = np.bincount(idx.ravel(), minlength=len(keep)) / draws
+  stderr = np.sqrt(rho * (1 - rho) / draws)
+  assert np.all(np.abs(freq - rho) <= 4.5 * stderr + 1e-9), (freq, rho)
+
+
+def test_a_low_score_example_weighs_1_over_1_minus_prune_times_a_high_one():
+  policy = jis.infobatch(prune=0.75)
+  scores = jnp.array([0.1, 0.2, 0.3, 5.0, 6.0, 0.2, 4.0, 0.1])   # 5 below
+  below = np.asarray(scores) < float(scores.mean())
+  rho = _capped_reference(np.where(below, 0.25, 1.0), 3)
+  for t in range(20):
+    sel = policy.select(jax.random.key(t), scores, policy.init(8, 3), 3)
+    chosen = np.asarray(sel.indices)
+    np.testing.assert_allclose(sel.weights, 3 / (8 * rho[chosen]), rtol=1e-5)
+    np.testing.assert_allclose(   # the same weight once the ratio is undone
+        np.where(below[chosen], sel.weights / 4, sel.weights),
+        3 / (8 * rho.max()), rtol=1e-5)
+
+
 def test_annealing_trains_uniformly_with_weight_one():
   policy = jis.infobatch(prune=0.5, anneal_step=2)
   scores = jnp.array([0.1, 0.2, 5.0, 6.0])

@@ -265,6 +265,38 @@ def test_no_host_callbacks_and_one_cond():
   assert sum(e.primitive.name == "dot_general" for e in jaxpr.jaxpr.eqns) >= 1
 
 
+def test_a_uniform_step_draws_no_random_bits_and_step_t_draws_with_fold_in():
+  # The inactive default step should cost what the plain step costs: nothing
+  # random and no τ arithmetic outside the cond. Importance step t draws
+  # with fold_in(key, t), the key itself never changes.
+  sampler = _switching_sampler()
+  batches = _switching_batches(4)
+  state = sampler.init(_params(), jax.random.key(0))
+  jaxpr = jax.make_jaxpr(sampler.step)(state, batches[0])
+  outside = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+  assert "cond" in outside
+  assert not {p for p in outside if "random" in p or "threefry" in p
+              or p == "pow"}, outside
+  step = jax.jit(sampler.step)
+  params = state.inner
+  for i in range(3):   # steps 0-2 uniform: key, τ and its step untouched
+    state, metrics = step(state, batches[i])
+    assert float(metrics["is/active"]) == 0.0
+    params, _ = _linear_train_step(params, {k: v[:4] for k, v in
+                                            batches[i].items()}, jnp.ones(4))
+  np.testing.assert_array_equal(jax.random.key_data(state.key),
+                                jax.random.key_data(jax.random.key(0)))
+  assert float(state.tau) == 0.0 and int(state.tau_step) == -1
+  state, metrics = step(state, batches[3])   # the probe, step 3
+  assert float(metrics["is/active"]) == 1.0 and int(state.tau_step) == 3
+  policy = jis.importance_sampling(k=0.5, max_weight=100.0)   # the default
+  sel = policy.select(jax.random.fold_in(jax.random.key(0), 3),
+                      batches[3]["s"], policy.init(12, 4), 4)
+  expected, _ = _linear_train_step(
+      params, {k: v[sel.indices] for k, v in batches[3].items()}, sel.weights)
+  np.testing.assert_allclose(state.inner, expected, rtol=1e-6, atol=1e-7)
+
+
 def _copies_in_scanned_step(sampler, params, batches, *shapes):
   """The ``copy`` instructions of any of ``shapes`` (HLO text such as
   ``"[37,41]"``) in the optimized HLO of ``sampler.step`` scanned over

@@ -10,12 +10,14 @@ experiments' loop does). Usage:
   python experiments/benchmarks/probes/no_scoring_cost.py mlp 128 1.5 15
 
 With a fifth argument ``ablate``, also the no-scoring-pass step on arrays
-instead of ``jis.Indexed``, and with one piece replaced by a no-op: the
-Gumbel top-k (the first b rows), its noise (a top-k of fixed perturbations
-instead), its top-k (the noise, then the first b rows), the table's write,
-its lookup (no fill of unscored entries), both. Those variants are not
-correct samplers; they only show what each piece costs
-(docs/performance_notes.md, sections 13 and 15).
+instead of ``jis.Indexed``, and with one piece replaced: the draw by the
+first b rows (``first_b``), by rows that change every step without reading
+the scores (``shifted``), by the first b rows reached through the scores
+(``score_dependent``), by the first b rows with InfoBatch's weights
+(``weights_only``); the table's write by a no-op; its lookup by a plain
+gather (no fill of unscored entries). Those variants are not correct
+samplers; they only show what each piece costs (docs/performance_notes.md,
+sections 13, 15 and 17).
 """
 import statistics
 import sys
@@ -24,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 import jis
-from jis import _selective_backprop
+from jis import _policies
+from jis import _pruning
 from experiments import train
 from experiments.benchmarks import common
 from experiments.benchmarks import step_cost as sc
@@ -77,30 +80,50 @@ fns = {
 }
 
 
-def no_scoring_pass(score_table, presample_of=lambda d, i: jis.Indexed(d, i)):
+def no_scoring_pass(score_table, presample_of=lambda d, i: jis.Indexed(d, i),
+                    policy=None):
   step = jis.importance_step(train.train_step, None, batch_size=b,
-                             presample=presample, score_table=score_table)
+                             presample=presample, score_table=score_table,
+                             policy=policy)
   return (scanned(step.step, presample_of),
           step.init(state, jax.random.key(0)))
 
 
-def first_b(key, log_keep, m):
-  del key
-  return jnp.arange(m), jnp.min(log_keep)
+def _policy(select):
+  return _policies.Policy(lambda big_b, b: jnp.zeros((), jnp.int32), select)
 
 
-def top_k_only(key, log_keep, m):
-  """The top-k without the Gumbel noise (its random bits)."""
-  del key
-  noise = 1e-3 * jnp.arange(log_keep.shape[0], dtype=jnp.float32)
-  values, indices = jax.lax.top_k(log_keep + noise, m + 1)
-  return indices[:m].astype(jnp.int32), values[m]
+def first_b(key, scores, state, m):
+  """The first m rows, weight 1: no draw at all."""
+  return _policies.Selection(jnp.arange(m, dtype=jnp.int32),
+                             jnp.ones((m,), jnp.float32),
+                             jnp.ones_like(scores) / scores.shape[0], state)
 
 
-def noise_only(key, log_keep, m):
-  """The Gumbel noise, then the first m (no top-k)."""
-  perturbed = log_keep + jax.random.gumbel(key, log_keep.shape, jnp.float32)
-  return jnp.arange(m), jnp.min(perturbed)
+def shifted(key, scores, state, m):
+  """Rows that change every step but are known before the scores."""
+  rows = ((jnp.arange(m) + state) % scores.shape[0]).astype(jnp.int32)
+  return _policies.Selection(rows, jnp.ones((m,), jnp.float32),
+                             jnp.ones_like(scores) / scores.shape[0], state + 1)
+
+
+def score_dependent(key, scores, state, m):
+  """The first m rows, reached through the scores (a sum that is always
+  above -1): the rows wait for the table lookup, nothing else is drawn."""
+  shift = (jnp.sum(scores) < -1).astype(jnp.int32)
+  return _policies.Selection((jnp.arange(m) + shift).astype(jnp.int32),
+                             jnp.ones((m,), jnp.float32),
+                             jnp.ones_like(scores) / scores.shape[0], state)
+
+
+def weights_only(key, scores, state, m):
+  """InfoBatch's weights for the first m rows: the weights wait for the
+  scores, the rows do not."""
+  keep = _pruning.keep_probabilities(scores, 0.5)
+  rho = _pruning.inclusion_probabilities(keep, m)
+  return _policies.Selection(jnp.arange(m, dtype=jnp.int32),
+                             m / (scores.shape[0] * rho[:m]),
+                             keep / jnp.sum(keep), state)
 
 
 def lookup_only(table, indices, step):
@@ -113,19 +136,12 @@ if ablate:
   full = jis.stale_scores(n)
   no_write = lambda table, indices, scores, step: table
   fns["on_arrays"] = no_scoring_pass(full, lambda d, i: rows(d, i, big_b))
-  gumbel_top_k = _selective_backprop.gumbel_top_k
-  _selective_backprop.gumbel_top_k = first_b   # read when the step traces
-  fn, init = no_scoring_pass(full)
-  fns["no_gumbel"] = (fn.lower(init, data, idx).compile(), init)  # traced now
-  for name, variant in (("top_k_only", top_k_only), ("noise_only", noise_only)):
-    _selective_backprop.gumbel_top_k = variant
-    fn, init = no_scoring_pass(full)
-    fns[name] = (fn.lower(init, data, idx).compile(), init)
-  _selective_backprop.gumbel_top_k = gumbel_top_k
+  for name, select in (("first_b", first_b), ("shifted", shifted),
+                       ("score_dependent", score_dependent),
+                       ("weights_only", weights_only)):
+    fns[name] = no_scoring_pass(full, policy=_policy(select))
   fns["no_write"] = no_scoring_pass(full._replace(write=no_write))
   fns["lookup_only"] = no_scoring_pass(full._replace(lookup=lookup_only))
-  fns["neither"] = no_scoring_pass(full._replace(lookup=lookup_only,
-                                                 write=no_write))
 carry = {name: jax.tree.map(lambda x: jnp.array(x, copy=True), c)
          for name, (_, c) in fns.items()}
 
