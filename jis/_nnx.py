@@ -156,6 +156,13 @@ def _check_signature(fn, name: str, args, hint: str) -> None:
                     f"{name}({', '.join(args)}) ({e}). {hint}") from None
 
 
+def _field(name: str) -> property:
+  """A read-only view of one :class:`jis.ImportanceState` field of
+  ``sampler.state``."""
+  return property(lambda self: getattr(self.state.get_value(), name),
+                  doc=f"The sampler's ``{name}`` (read-only).")
+
+
 class ImportanceSampler(nnx.Pytree):
   """Importance sampling for an NNX step that updates its objects in place.
 
@@ -296,14 +303,14 @@ class ImportanceSampler(nnx.Pytree):
     self.state.set_value(state._replace(inner=()))
     return metrics
 
-  def _field(name):   # pylint: disable=no-self-argument
-    return property(lambda self: getattr(self.state.get_value(), name),
-                    doc=f"The sampler's ``{name}`` (read-only).")
-
-  key, step, tau, tau_step = map(_field, ("key", "step", "tau", "tau_step"))
-  condition, transforms = map(_field, ("condition", "transforms"))
-  policy, table = map(_field, ("policy", "table"))
-  del _field
+  key = _field("key")
+  step = _field("step")
+  tau = _field("tau")
+  tau_step = _field("tau_step")
+  condition = _field("condition")
+  transforms = _field("transforms")
+  policy = _field("policy")
+  table = _field("table")
 
   def _check_call(self, args):
     usage = ("Call sampler(model, [optimizer, metrics, rngs, ...], batch): "

@@ -277,7 +277,8 @@ def _choose_importance(plan, model, state, batch, own, n_scored, n_train):
   condition = plan.condition.update(own.condition, scores, state.step)
   return _Choice(sel.indices.astype(jnp.int32), weights,
                  _Own(condition, transforms, sel.state, table), draw,
-                 jnp.asarray(fresh, jnp.bool_), *_moving_tau(plan, state, draw.tau))
+                 jnp.asarray(fresh, jnp.bool_),
+                 *_moving_tau(plan, state, draw.tau))
 
 
 def _choose_uniform(plan, state, own, n_train):
@@ -336,7 +337,8 @@ def _trained_scores(plan, model, static, rows, before, logits):
 
 def _moving_tau(plan, state, measured: Array):
   """``(τ, tau_step)``: τ's moving average over steps, after an importance
-  step (uniform steps leave both as they are). A measurement ``Δ`` steps after the previous one gets the weight
+  step (uniform steps leave both as they are, inside the ``cond``'s other
+  branch). A measurement ``Δ`` steps after the previous one gets the weight
   ``1 − m^Δ`` (``m`` the momentum): while importance sampling is on (``Δ =
   1``) τ averages about ``1/(1 − m)`` steps; while it is off, a probe
   ``probe_every`` steps after the last all but replaces it, so a sparse
@@ -401,7 +403,8 @@ def _sized_step(plan, model, state, batch, active, static, n_scored,
   new_state = ImportanceState(inner, state.key, state.step + 1, choice.tau,
                               *own, tau_step=choice.tau_step)
   return new_state, {
-      **metrics, "is/tau": choice.tau, "is/active": jnp.asarray(active, jnp.float32),
+      **metrics, "is/tau": choice.tau,
+      "is/active": jnp.asarray(active, jnp.float32),
       "is/ess": draw.ess, "is/max_weight": draw.max_weight,
       "is/score_mean": draw.score_mean, "is/fallback": draw.fallback,
       "is/variance_reduction": draw.tau, "is/nonfinite": _nonfinite(metrics),

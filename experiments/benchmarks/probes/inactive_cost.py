@@ -20,7 +20,6 @@ import gzip
 import json
 import statistics
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -32,6 +31,7 @@ from flax.training import train_state
 
 import jis
 import jis.nnx
+from experiments.benchmarks import common
 
 try:
   sys.path.insert(0, "/tmp/before_pkg")
@@ -167,12 +167,7 @@ def scan_programs():
 def measure(progs, steps):
   for run in progs.values():
     run(), run()
-  times = {name: [] for name in progs}
-  for _ in range(REPS):
-    for name, run in progs.items():
-      start = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - start)
+  times = common.time_interleaved(progs, REPS)
   out = {}
   for name, t in times.items():
     ratios = sorted(x / y for x, y in zip(t, times["plain"]))
