@@ -21,13 +21,14 @@ training loop sees one interface:
 - ``device_split``: the training split on the devices, or None.
 """
 
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jis
 from experiments import input_pipeline
 from experiments import placement as placement_lib
 from experiments import pruning
@@ -42,27 +43,39 @@ class Position(struct.PyTreeNode):
 
 
 class Split(NamedTuple):
-  """What an on-device chunk reads: the split and the key of its order."""
+  """What an on-device chunk reads: the split, the key of its order, and the
+  split preprocessed once (``prepared``; None when a step preprocesses its
+  own rows)."""
   data: Any
   key: jax.Array
+  prepared: Any = None
 
 
 class OnDevice:
   """The training split put on the devices once; each step gathers its
   presample inside the jitted program, so the hot loop copies nothing from
-  the host."""
+  the host.
+
+  With ``prepare`` (a deterministic preprocessing of the whole split, run
+  once here), a step's presample is a ``jis.Indexed`` into the prepared
+  split: jis then gathers only the rows it uses (the ``b`` trained on a
+  uniform step), and ``stale_scores(lookahead=True)`` can read the rows
+  the previous step drew.
+  """
 
   kind = "device"
 
   def __init__(self, split, key: jax.Array, size: int,
                placement: placement_lib.Placement,
-               position: Optional[Dict[str, Any]]):
+               position: Optional[Dict[str, Any]],
+               prepare: Optional[Callable[[Any], Any]] = None):
     epoch, offset = 0, 0
     if position:
       _check_kind(position, self.kind)
       epoch, offset = int(position["epoch"]), int(position["offset"])
     self._n, self._size = len(split["label"]), size
-    self._split = Split(jax.device_put(split, placement.replicated), key)
+    data = jax.device_put(split, placement.replicated)
+    self._split = Split(data, key, None if prepare is None else prepare(data))
     perm = jax.jit(input_pipeline.epoch_permutation, static_argnums=2)(
         key, epoch, self._n).astype(jnp.int32)
     self._start = jax.device_put(
@@ -95,9 +108,12 @@ class OnDevice:
                                                  self._n).astype(jnp.int32),
         lambda: carry.perm)
     idx = jax.lax.dynamic_slice_in_dim(perm, start, self._size)
+    position = Position(epoch=epoch, offset=start + self._size, perm=perm)
+    if fed.prepared is not None:
+      return jis.Indexed(fed.prepared, idx), position
     batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), fed.data)
     batch["index"] = idx
-    return batch, Position(epoch=epoch, offset=start + self._size, perm=perm)
+    return batch, position
 
   def consumed(self, carry: Position, rows) -> Position:
     """Moves the position back to just after the ``rows`` the step used
@@ -295,13 +311,18 @@ def _check_kind(position: Dict[str, Any], kind: str) -> None:
 
 def create(config, split, key: jax.Array, size: int,
            placement: placement_lib.Placement,
-           position: Optional[Dict[str, Any]], steps_per_epoch: float):
+           position: Optional[Dict[str, Any]], steps_per_epoch: float,
+           prepare: Optional[Callable[[Any], Any]] = None):
   """The source ``config.data_on_device`` asks for, from a checkpoint's data
   ``position`` (None: the start). Streamed epochs are :class:`Shuffled`, or
   pruned by the loader (``config.pruning``, :mod:`experiments.pruning`), from
-  a seed drawn from ``key``; ``steps_per_epoch`` places the annealing."""
+  a seed drawn from ``key``; ``steps_per_epoch`` places the annealing.
+  ``prepare``: the split's preprocessing, when it can run once (on one
+  device, without augmentation); on-device presamples are then
+  ``jis.Indexed`` into its result."""
   if config.data_on_device:
-    return OnDevice(split, key, size, placement, position)
+    return OnDevice(split, key, size, placement, position,
+                    prepare if placement.mesh is None else None)
   n = len(split["label"])
   seed = int(jax.device_get(jax.random.bits(key, dtype=jnp.uint32)))
   if pruning.method(config) == "infobatch":

@@ -200,7 +200,8 @@ def train_chunk(loop: Loop, fed, statistics, aug_key, *, num_steps: int,
 
   Each step takes presample ``i`` of the chunk from ``source`` (``fed`` is
   what it reads), preprocesses it with the augmentation key folded with the
-  step, and runs the jis step. ``num_steps`` is static: a run dispatches
+  step (unless it is a ``jis.Indexed`` into the split preprocessed once),
+  and runs the jis step. ``num_steps`` is static: a run dispatches
   chunks of ``steps_per_dispatch`` and, when its step budget is not a
   multiple of that, one shorter chunk at the end (a second program, compiled
   up front). No step is wrapped in a conditional: a ``lax.cond`` returning
@@ -210,9 +211,10 @@ def train_chunk(loop: Loop, fed, statistics, aug_key, *, num_steps: int,
   def one(loop: Loop, i):
     step = loop.jis.step
     batch, data = source.take(loop.data, fed, i)
-    batch = preprocess(batch, statistics, jax.random.fold_in(aug_key, step),
-                       True)
-    new_jis, metrics = sampler.step(loop.jis, placement.constrain(batch))
+    if not isinstance(batch, jis.Indexed):   # rows, preprocessed here
+      batch = placement.constrain(preprocess(
+          batch, statistics, jax.random.fold_in(aug_key, step), True))
+    new_jis, metrics = sampler.step(loop.jis, batch)
     data = source.consumed(data, metrics["is/rows_used"])
     bad = ~jnp.isfinite(metrics["train/loss"])
     first_bad = jnp.where(bad & (loop.first_bad_step == _NO_BAD_STEP), step,
@@ -370,8 +372,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   start_step = int(jis_state.step)
   writer = metric_writer.MetricWriter(
       workdir, is_main, keep_until_step=start_step if resumed else None)
+  # Without augmentation the preprocessing is the same every epoch: run it
+  # once, and on device let jis gather only the rows a step uses.
+  prepare = None if preprocess.augment else (
+      lambda split: jax.jit(functools.partial(preprocess, train=False))(
+          split, statistics, aug_key))
   source = batches.create(config, dataset.train, data_key, big_b, placement,
-                          position, n_train / b)
+                          position, n_train / b, prepare)
   loop = jax.device_put(Loop(jis=jis_state, data=source.carry(),
                              first_bad_step=jnp.int32(_NO_BAD_STEP)),
                         placement.replicated)

@@ -69,6 +69,11 @@ def take(batch: PyTree, positions: Array) -> PyTree:
   return jax.tree.map(lambda x: at(x, positions), batch)
 
 
+def dataset_rows(batch: Indexed, index: Array) -> PyTree:
+  """The dataset's rows at ``index`` (dataset indices, not positions)."""
+  return jax.tree.map(lambda x: jnp.take(x, index, axis=0), batch.data)
+
+
 def presample_rows(batch: PyTree) -> PyTree:
   """All presampled examples as arrays (a gather of ``B`` rows for Indexed)."""
   if isinstance(batch, Indexed):

@@ -263,6 +263,14 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
     buckets = _budget.resolve_buckets(budget, big_b, b, placement.layout)
   condition, threshold = _condition(condition, tau_threshold, budget,
                                     score_table, big_b, b)
+  static_active = _static_active(condition, score_, threshold)
+  if score_table is not None and score_table.lookahead and not (
+      static_active is True and placement.layout.mesh is None):
+    raise ValueError(
+        "stale_scores(lookahead=True) trains on the previous step's draw, so "
+        "every step must resample (condition=jis.always(), the default with "
+        "a score table) on one device (mesh=None, where jis.Indexed "
+        "presamples run). Pass lookahead=False.")
   return Plan(
       batch_size=b, presample_size=big_b, loss=loss_, score=score_,
       labels=labels_getter(labels), mask=mask_fn,
@@ -273,5 +281,11 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
       transforms=_transforms_of(score_transforms, smooth, adaptive_smooth),
       table=score_table, buckets=buckets, budget=budget, placement=placement,
       tau_momentum=_tau_momentum(tau_momentum, condition),
-      static_active=_static_active(condition, score_, threshold),
+      static_active=static_active,
       diagnostics=bool(diagnostics))
+
+
+def may_look_ahead(plan: Plan) -> bool:
+  """Whether a step trains on the previous step's draw (``make`` checked
+  that every step resamples, on one device)."""
+  return plan.table is not None and plan.table.lookahead

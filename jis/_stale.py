@@ -55,6 +55,8 @@ class ScoreTable(NamedTuple):
       filled in.
     write: ``(table, indices [n], scores [n], step) -> table``.
     num_examples: ``N``, the table's size.
+    lookahead: whether a step trains on the draw the previous step made
+      (:func:`stale_scores`).
   """
   init: Callable[[], TableState]
   index: Callable[[PyTree], Array]
@@ -62,6 +64,26 @@ class ScoreTable(NamedTuple):
   lookup: Callable[[TableState, Array, Array], tuple]
   write: Callable[[TableState, Array, Array, Array], TableState]
   num_examples: int = 0
+  lookahead: bool = False
+
+
+class Pending(NamedTuple):
+  """The draw a lookahead step made for the next one, in
+  ``ImportanceState.pending``.
+
+  Attributes:
+    index: ``[b]`` int32 dataset indices of the rows drawn.
+    weights: ``[b]`` float32 their loss weights.
+    ready: bool, False before the first draw.
+  """
+  index: Array
+  weights: Array
+  ready: Array
+
+
+def init_pending(batch_size: int) -> Pending:
+  return Pending(jnp.zeros((batch_size,), jnp.int32),
+                 jnp.ones((batch_size,), jnp.float32), jnp.asarray(False))
 
 
 def _index_getter(index_key):
@@ -84,8 +106,8 @@ def _index_getter(index_key):
 
 def stale_scores(num_examples: int, *, refresh_every: int = 0,
                  refresh_steps: int = 1, max_age: Optional[int] = None,
-                 index_key: Union[str, Callable[[PyTree], Array]] = "index"
-                 ) -> ScoreTable:
+                 index_key: Union[str, Callable[[PyTree], Array]] = "index",
+                 lookahead: bool = False) -> ScoreTable:
   """Scores the presample from a table of every example's latest score.
 
   Pass it as ``jis.importance_step(..., score_table=jis.stale_scores(N))``.
@@ -97,6 +119,18 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
       s[never scored] = mean(s[scored])          # 1.0 if none of the B is
       ... transforms, policy, train_step on the selected b, as usual ...
       table[index[selected]] = score(trained examples)   # refresh them
+
+  **Lookahead** (``lookahead=True``, for a :class:`jis.Indexed` presample
+  and a step that always resamples, on one device). A step trains on the
+  ``b`` rows (and weights) the *previous* step drew from its presample, and
+  draws from its own presample the rows the next step trains on (the first
+  step trains on the first ``b`` rows of its presample, weight 1). The draw
+  then runs beside the training instead of before it: the rows of a step
+  no longer wait for the table lookup, the policy and the gather that
+  follows them, which cost a 5 ms MLP step about 15 % on a 2-core CPU. The
+  update stays unbiased: the rows were drawn from a uniform presample that
+  the parameters they are trained at do not depend on. The scores are
+  stale either way; the draw is one step staler.
 
   The refreshed scores come from the logits the ``train_step`` hands back
   under ``"is/logits"`` (free: they are the train-mode logits of its forward
@@ -133,6 +167,10 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
       (like the original ``CacheSampler``'s ``staleness``).
     index_key: the batch key holding the dataset indices, or a callable
       ``batch -> [B]``; ignored for :class:`jis.Indexed` presamples.
+    lookahead: train on the previous step's draw (above). It needs a
+      :class:`jis.Indexed` presample, a step that always resamples (the
+      default condition with a table) and one device; anything else is an
+      error that says so.
 
   Returns:
     A :class:`ScoreTable`. The step adds ``is/fresh`` (1 when it scored its
@@ -165,6 +203,9 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   if not (isinstance(index_key, str) or callable(index_key)):
     raise TypeError("stale_scores(index_key) must be a batch key or a callable "
                     f"batch -> indices; got {type(index_key).__name__}.")
+  if lookahead not in (True, False):
+    raise TypeError("stale_scores(lookahead) must be True or False; got "
+                    f"{lookahead!r}.")
   def init():
     return TableState(jnp.ones((n,), jnp.float32), jnp.full((n,), -1, jnp.int32))
 
@@ -202,7 +243,8 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   if refresh_every:
     fresh = lambda step: (jnp.asarray(step) % refresh_every) < refresh_steps
 
-  return ScoreTable(init, _index_getter(index_key), fresh, lookup, write, n)
+  return ScoreTable(init, _index_getter(index_key), fresh, lookup, write, n,
+                    lookahead)
 
 
 def check_index(table: ScoreTable, index: Array, expected: int) -> None:

@@ -64,6 +64,8 @@ class ImportanceState(NamedTuple):
     table: the stale score table (:func:`jis.stale_scores`), or ``()``.
     tau_step: int32 step of τ's latest measurement (-1 before the first):
       τ averages over steps, not over measurements.
+    pending: the rows the next step trains on, drawn by this one
+      (:class:`jis.stale_scores`'s lookahead), or ``()``.
   """
   inner: PyTree
   key: Array
@@ -74,6 +76,7 @@ class ImportanceState(NamedTuple):
   policy: PyTree
   table: PyTree = ()
   tau_step: Array = -1
+  pending: PyTree = ()
 
 
 class ImportanceStep(NamedTuple):
@@ -349,24 +352,28 @@ def _moving_tau(plan, state, measured: Array):
           jnp.asarray(state.step, jnp.int32))
 
 
-def _record(plan, choice, static, active, batch, rows, trained, step):
+def _record(plan, choice, static, active, batch, rows, trained, step,
+            trained_at=None):
   """Keeps the trained examples' scores where something needs them: the score
   table (unless this step wrote the whole presample's) and a policy that
-  observes uniform steps."""
+  observes uniform steps. ``trained_at``: the trained rows' dataset indices
+  when they are not this presample's (lookahead)."""
   table, observe = plan.table, plan.policy.observe
   if trained is None:
     return choice.own
+  fresh = choice.fresh if trained_at is None else jnp.asarray(False)
   if table is not None:
+    if trained_at is None:
+      trained_at = _stale.trained_index(table, batch, rows, choice.positions)
     # The table is replicated: every device writes all trained examples.
-    index = plan.placement.put(
-        _stale.trained_index(table, batch, rows, choice.positions), None)
+    index = plan.placement.put(trained_at, None)
     trained = plan.placement.put(trained, None)
 
   def on_importance(own):
     if table is None:
       return own
     return own._replace(table=_stale.refresh(table, own.table, index, step,
-                                             choice.fresh, lambda: trained))
+                                             fresh, lambda: trained))
 
   def on_uniform(own):
     scores = trained
@@ -380,28 +387,48 @@ def _record(plan, choice, static, active, batch, rows, trained, step):
   return _branch(static, active, on_importance, on_uniform, choice.own)
 
 
+def _pending_rows(state, batch, n_train):
+  """``(dataset indices, weights)`` of the rows a lookahead step trains on:
+  the previous step's draw, or before the first draw the first ``n_train``
+  rows of this presample with weight 1."""
+  pending = state.pending
+  return (jnp.where(pending.ready, pending.index, batch.index[:n_train]),
+          jnp.where(pending.ready, pending.weights, 1.0))
+
+
 def _sized_step(plan, model, state, batch, active, static, n_scored,
-                n_train, extra_metrics=None):
+                n_train, extra_metrics=None, lookahead=False):
   """One step that scores ``n_scored`` presampled rows and trains on
-  ``n_train``; ``static`` names the branch when it is known at trace time."""
+  ``n_train``; ``static`` names the branch when it is known at trace time.
+  With ``lookahead`` it trains on the previous step's draw and keeps its own
+  for the next step."""
   own = _Own(state.condition, state.transforms, state.policy, state.table)
   choice = _branch(
       static, active,
       lambda own: _choose_importance(plan, model, state, batch, own,
                                      n_scored, n_train),
       lambda own: _choose_uniform(plan, state, own, n_train), own)
-  rows = plan.placement.gather(batch, choice.positions)
-  weights = choice.weights
+  trained_at, pending = None, state.pending
+  if lookahead:
+    trained_at, weights = _pending_rows(state, batch, n_train)
+    rows = _indexed.dataset_rows(batch, trained_at)
+    pending = _stale.Pending(
+        jnp.take(batch.index, choice.positions).astype(jnp.int32),
+        choice.weights, jnp.asarray(True))
+  else:
+    rows = plan.placement.gather(batch, choice.positions)
+    weights = choice.weights
   if plan.example_weights is not None:   # the loader's own weights
     weights = weights * jnp.asarray(plan.example_weights(rows), jnp.float32)
   before = _score_before_update(plan, model, state, rows, static, active)
   out = model.train_step(state.inner, rows, weights)
   inner, metrics, logits = _check_train_step_output(state.inner, out, n_train)
   trained = _trained_scores(plan, model, static, rows, before, logits)
-  own = _record(plan, choice, static, active, batch, rows, trained, state.step)
+  own = _record(plan, choice, static, active, batch, rows, trained, state.step,
+                trained_at)
   draw = choice.draw
   new_state = ImportanceState(inner, state.key, state.step + 1, choice.tau,
-                              *own, tau_step=choice.tau_step)
+                              *own, tau_step=choice.tau_step, pending=pending)
   return new_state, {
       **metrics, "is/tau": choice.tau,
       "is/active": jnp.asarray(active, jnp.float32),
@@ -457,6 +484,19 @@ def _active(plan, state) -> Array:
   return active
 
 
+def _looks_ahead(plan, batch) -> bool:
+  """Whether this step trains on the previous step's draw (lookahead)."""
+  if not _plan.may_look_ahead(plan):
+    return False
+  if not isinstance(batch, _indexed.Indexed):
+    raise ValueError(
+        "stale_scores(lookahead=True) trains on the rows the previous step "
+        "drew, which it reads from the dataset: pass the presample as "
+        "jis.Indexed(dataset, indices), or lookahead=False for a presample "
+        "of arrays.")
+  return True
+
+
 def _put_own(plan, state: ImportanceState) -> ImportanceState:
   """jis's own leaves where ``step`` returns them (replicated, or split per
   device for a local policy), so a jitted step never compiles twice."""
@@ -478,7 +518,8 @@ def _step(plan, model, state: ImportanceState, batch):
   if plan.buckets is None:
     new_state, metrics = _sized_step(
         plan, model, state, batch, active, plan.static_active,
-        plan.presample_size, plan.batch_size)
+        plan.presample_size, plan.batch_size,
+        lookahead=_looks_ahead(plan, batch))
   else:
     new_state, metrics = _budget_step(plan, model, state, batch, active)
   return _put_own(plan, new_state), metrics
@@ -502,7 +543,9 @@ def _init(plan, train_state: PyTree, key: Array) -> ImportanceState:
       policy=placement.init_policy(plan.policy, plan.presample_size,
                                    plan.batch_size),
       table=plan.table.init() if plan.table is not None else (),
-      tau_step=jnp.full((), -1, jnp.int32))
+      tau_step=jnp.full((), -1, jnp.int32),
+      pending=(_stale.init_pending(plan.batch_size)
+               if _plan.may_look_ahead(plan) else ()))
   return _put_own(plan, state)
 
 

@@ -224,3 +224,30 @@ def test_on_device_source_gives_back_the_rows_a_step_did_not_use():
   used = np.concatenate(seen)
   assert len(set(used.tolist())) == len(used) == 12   # no row used twice
   assert int(carry.offset) == 12
+
+
+def test_a_prepared_split_gives_the_same_rows_as_preprocessing_each_batch():
+  # Without augmentation the loop preprocesses the split once and hands jis
+  # a jis.Indexed into it: the rows must be the ones it preprocessed per step.
+  import jis
+  from experiments import preprocess as preprocess_lib
+  rng = np.random.default_rng(0)
+  split = {"input": rng.integers(0, 256, (40, 4, 4, 3)).astype(np.uint8),
+           "label": rng.integers(0, 10, 40).astype(np.int32)}
+  prep = preprocess_lib.Preprocess("image", normalize="standardize")
+  stats = prep.statistics(split)
+  here = placement_lib.Placement(None, jax.devices()[0])
+  make = lambda prepare: batches.OnDevice(split, jax.random.key(3), 8, here,
+                                          None, prepare)
+  rows, indexed = make(None), make(
+      lambda data: jax.jit(prep, static_argnums=3)(data, stats, None, False))
+  carry_r, carry_i = rows.carry(), indexed.carry()
+  for _ in range(7):   # past an epoch boundary (40 / 8 = 5 presamples)
+    batch, carry_r = rows.take(carry_r, rows.next_input(0, 1, None), 0)
+    lazy, carry_i = indexed.take(carry_i, indexed.next_input(0, 1, None), 0)
+    assert isinstance(lazy, jis.Indexed) and not isinstance(batch, jis.Indexed)
+    np.testing.assert_array_equal(lazy.index, batch["index"])
+    expected = prep(batch, stats, jax.random.key(0), True)
+    got = jis.presample_rows(lazy)
+    np.testing.assert_array_equal(got["input"], expected["input"])
+    np.testing.assert_array_equal(got["label"], expected["label"])

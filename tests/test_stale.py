@@ -369,3 +369,103 @@ def test_default_condition_resamples_from_the_first_step():
   _, metrics = jax.jit(sampler.step)(sampler.init(_params(), jax.random.key(0)),
                                      jis.Indexed(_dataset(), _indices(0)))
   assert float(metrics["is/active"]) == 1.0
+
+
+# ---------------------------------------------------------------- lookahead
+
+
+def _weighted_train_step(params, batch, weights):
+  params, metrics = _train_step(params, batch, weights)
+  return params, {**metrics, "weights": weights}
+
+
+def _prefilled(sampler, params, key, seed=0):
+  """A fresh state whose table holds exponential scores for every example."""
+  scores = np.random.default_rng(seed).exponential(size=N).astype(np.float32)
+  state = sampler.init(params, key)
+  return state._replace(table=jis._stale.TableState(
+      jnp.asarray(scores), jnp.zeros((N,), jnp.int32)))
+
+
+def test_lookahead_trains_each_step_on_the_previous_steps_draw():
+  data, params = _dataset(), _params()
+  plain = _sampler(train_step=_weighted_train_step)
+  ahead = _sampler(jis.stale_scores(N, lookahead=True),
+                   train_step=_weighted_train_step)
+  p0, p1 = (jis.Indexed(data, _indices(t)) for t in (0, 1))
+  _, drawn = jax.jit(plain.step)(_prefilled(plain, params, jax.random.key(3)),
+                                 p0)
+  step = jax.jit(ahead.step)
+  state, first = step(_prefilled(ahead, params, jax.random.key(3)), p0)
+  # Step 0 trains on the first b rows of its presample with weight 1 and
+  # keeps the draw the plain step trains on at once.
+  np.testing.assert_array_equal(first["trained"], np.asarray(p0.index)[:B])
+  np.testing.assert_array_equal(first["weights"], 1.0)
+  np.testing.assert_array_equal(state.pending.index, drawn["trained"])
+  state, second = step(state, p1)
+  np.testing.assert_array_equal(second["trained"], drawn["trained"])
+  np.testing.assert_allclose(second["weights"], drawn["weights"], rtol=1e-6)
+  # The scores written are the trained rows', at the step that trained them.
+  trained = np.asarray(drawn["trained"])
+  np.testing.assert_array_equal(np.asarray(state.table.scored_at)[trained], 1)
+  assert step._cache_size() == 1
+
+
+def test_lookahead_update_is_unbiased():
+  # Step 1 trains at θ1 on rows drawn from presample 0: over draws its update
+  # averages one SGD step at θ1 on presample 0's mean gradient (numpy).
+  data, params = _dataset(), _params()
+  sampler = _sampler(jis.stale_scores(N, lookahead=True))
+  p0, p1 = (jis.Indexed(data, _indices(t)) for t in (0, 1))
+  draws = 20000
+
+  def two_steps(key):
+    state, _ = sampler.step(_prefilled(sampler, params, key), p0)
+    return sampler.step(state, p1)[0].inner
+  theta2 = jax.jit(jax.vmap(two_steps))(
+      jax.random.split(jax.random.key(42), draws))
+  rows = lambda idx: {k: v[np.asarray(idx)] for k, v in data.items()}
+  theta1, _ = _train_step(params, rows(p0.index[:B]), jnp.ones(B))
+  full, _ = _train_step(theta1, rows(p0.index), jnp.ones(BIG_B))
+  updates = np.asarray(theta2 - theta1, np.float64).reshape(draws, -1)
+  reference = np.asarray(full - theta1, np.float64).ravel()
+  mean, stderr = updates.mean(0), updates.std(0) / np.sqrt(draws)
+  assert np.all(stderr > 0)   # the draw varies with the key
+  z = (mean - reference) / stderr
+  assert np.all(np.abs(z) < 4.5)
+  assert np.sum(z ** 2) < 37.7   # chi-square, 15 degrees of freedom, p = 0.001
+
+
+def test_lookahead_resumes_bit_exact_from_a_saved_state():
+  data, params = _dataset(), _params()
+  sampler = _sampler(jis.stale_scores(N, lookahead=True))
+  batches = [jis.Indexed(data, _indices(t)) for t in range(4)]
+  step = jax.jit(sampler.step)
+  straight = sampler.init(params, jax.random.key(0))
+  for batch in batches:
+    straight, _ = step(straight, batch)
+  resumed = sampler.init(params, jax.random.key(0))
+  for batch in batches[:2]:
+    resumed, _ = step(resumed, batch)
+  saved = jax.device_get(resumed)               # a checkpoint, on the host
+  resumed = jax.tree.map(jnp.asarray, saved)
+  for batch in batches[2:]:
+    resumed, _ = step(resumed, batch)
+  jax.tree.map(np.testing.assert_array_equal, jax.random.key_data(
+      straight.key), jax.random.key_data(resumed.key))
+  for a, b in zip(jax.tree.leaves(straight._replace(key=0)),
+                  jax.tree.leaves(resumed._replace(key=0))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_lookahead_refuses_what_it_cannot_do():
+  data, params = _dataset(), _params()
+  ahead = jis.stale_scores(N, lookahead=True)
+  sampler = _sampler(ahead)
+  batch = {k: v[np.asarray(_indices(0))] for k, v in data.items()}
+  with pytest.raises(ValueError, match=r"lookahead=True.*jis.Indexed"):
+    sampler.step(sampler.init(params, jax.random.key(0)), batch)
+  with pytest.raises(ValueError, match=r"every step must resample"):
+    _sampler(ahead, tau_threshold=None, condition=jis.warmup(2))
+  with pytest.raises(TypeError, match=r"lookahead\) must be True or False"):
+    jis.stale_scores(N, lookahead=None)

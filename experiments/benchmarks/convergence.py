@@ -104,7 +104,12 @@ METHODS = {
                      "policy": "importance_sampling()"},
     # The no-scoring-pass mode at its defaults (losses, InfoBatch): a score
     # table and nothing else; presample 1.5 reads a half batch more rows.
-    "no_scoring_pass": {"score_table": "stale_scores", "presample": 1.5},
+    "no_scoring_pass_plain": {"score_table": "stale_scores", "presample": 1.5},
+    # The same, each step training on the previous step's draw (the split is
+    # on the device and preprocessed once, so presamples are jis.Indexed):
+    # its rows no longer wait for the table lookup and the draw.
+    "no_scoring_pass": {"score_table": "stale_scores(lookahead=True)",
+                        "presample": 1.5},
     # The unbiased estimator of the paper, for comparison with the default.
     "unbiased": {"policy": "importance_sampling()"},
 }

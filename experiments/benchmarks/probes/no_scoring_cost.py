@@ -2,10 +2,11 @@
 
 Times, interleaved in one process, K steps in one ``lax.scan`` of: the
 experiments' unwrapped ``train_step`` on b rows; jis with ``score="uniform"``;
-and jis with a score table at its defaults (losses from the step's
+jis with a score table at its defaults (losses from the step's
 ``"is/logits"``, ``jis.infobatch``) on presamples of ``presample · b`` rows
-given as ``jis.Indexed`` into the training set on device (what the
-experiments' loop does). Usage:
+given as ``jis.Indexed`` into the training set on device; and the same with
+``stale_scores(n, lookahead=True)`` (each step trains on the previous
+step's draw). Usage:
 
   python experiments/benchmarks/probes/no_scoring_cost.py mlp 128 1.5 15
 
@@ -131,6 +132,8 @@ def lookup_only(table, indices, step):
   return (jnp.take(table.scores, indices, mode="clip"),
           jnp.ones(indices.shape, bool))
 
+
+fns["lookahead"] = no_scoring_pass(jis.stale_scores(n, lookahead=True))
 
 if ablate:
   full = jis.stale_scores(n)
