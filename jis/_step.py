@@ -9,7 +9,9 @@ One step, read top to bottom (Katharopoulos & Fleuret 2018, Algorithm 1):
    the first ``b`` with weight 1;
 3. ``gather`` those rows and run the user's ``train_step`` once, outside any
    conditional (a ``lax.cond`` returning the train state would copy every
-   parameter and optimizer buffer on every step);
+   parameter and optimizer buffer on every step); with a score table's
+   lookahead it trains instead on the rows the previous step drew
+   (``state.pending``), and keeps this step's draw for the next;
 4. ``record`` the trained examples' scores where something keeps them (a
    score table, a policy that observes uniform steps): from the step's own
    ``is/logits``, or a forward pass at the parameters it trained with;
