@@ -389,13 +389,24 @@ def _record(plan, choice, static, active, batch, rows, trained, step,
   return _branch(static, active, on_importance, on_uniform, choice.own)
 
 
-def _pending_rows(state, batch, n_train):
-  """``(dataset indices, weights)`` of the rows a lookahead step trains on:
-  the previous step's draw, or before the first draw the first ``n_train``
-  rows of this presample with weight 1."""
-  pending = state.pending
-  return (jnp.where(pending.ready, pending.index, batch.index[:n_train]),
-          jnp.where(pending.ready, pending.weights, 1.0))
+def _rows_to_train(plan, state, batch, choice, n_train, lookahead):
+  """``(rows, weights, trained_at, pending)``: the rows this step trains on
+  and their weights. Without lookahead, those ``choice`` drew from this
+  presample (``trained_at`` None, ``pending`` unchanged). With it, the
+  previous step's draw (before the first, this presample's first
+  ``n_train`` rows with weight 1), read from the dataset at ``trained_at``;
+  ``pending`` is then this step's draw, for the next step."""
+  if not lookahead:
+    return (plan.placement.gather(batch, choice.positions), choice.weights,
+            None, state.pending)
+  ready = state.pending.ready
+  trained_at = jnp.where(ready, state.pending.index, batch.index[:n_train])
+  weights = jnp.where(ready, state.pending.weights, 1.0)
+  pending = _stale.Pending(
+      jnp.take(batch.index, choice.positions).astype(jnp.int32),
+      choice.weights, jnp.asarray(True))
+  return (_indexed.dataset_rows(batch, trained_at), weights, trained_at,
+          pending)
 
 
 def _sized_step(plan, model, state, batch, active, static, n_scored,
@@ -410,16 +421,8 @@ def _sized_step(plan, model, state, batch, active, static, n_scored,
       lambda own: _choose_importance(plan, model, state, batch, own,
                                      n_scored, n_train),
       lambda own: _choose_uniform(plan, state, own, n_train), own)
-  trained_at, pending = None, state.pending
-  if lookahead:
-    trained_at, weights = _pending_rows(state, batch, n_train)
-    rows = _indexed.dataset_rows(batch, trained_at)
-    pending = _stale.Pending(
-        jnp.take(batch.index, choice.positions).astype(jnp.int32),
-        choice.weights, jnp.asarray(True))
-  else:
-    rows = plan.placement.gather(batch, choice.positions)
-    weights = choice.weights
+  rows, weights, trained_at, pending = _rows_to_train(
+      plan, state, batch, choice, n_train, lookahead)
   if plan.example_weights is not None:   # the loader's own weights
     weights = weights * jnp.asarray(plan.example_weights(rows), jnp.float32)
   before = _score_before_update(plan, model, state, rows, static, active)
