@@ -82,6 +82,7 @@ class Pending(NamedTuple):
 
 
 def init_pending(batch_size: int) -> Pending:
+  """No draw yet: the first lookahead step trains on its presample's head."""
   return Pending(jnp.zeros((batch_size,), jnp.int32),
                  jnp.ones((batch_size,), jnp.float32), jnp.asarray(False))
 
