@@ -64,8 +64,7 @@ def take(batch: PyTree, positions: Array) -> PyTree:
   """
   at = lambda x, i: jnp.take(x, i, axis=0, mode="clip")
   if isinstance(batch, Indexed):
-    rows = at(batch.index, positions)
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), batch.data)
+    return dataset_rows(batch, at(batch.index, positions))
   return jax.tree.map(lambda x: at(x, positions), batch)
 
 
@@ -77,7 +76,7 @@ def dataset_rows(batch: Indexed, index: Array) -> PyTree:
 def presample_rows(batch: PyTree) -> PyTree:
   """All presampled examples as arrays (a gather of ``B`` rows for Indexed)."""
   if isinstance(batch, Indexed):
-    return jax.tree.map(lambda x: jnp.take(x, batch.index, axis=0), batch.data)
+    return dataset_rows(batch, batch.index)
   return batch
 
 
