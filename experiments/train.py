@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, NamedTuple
 
 from absl import logging
 from flax import struct
@@ -314,17 +314,25 @@ class _Outputs:
     self.clocks.saved()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> Result:
-  """Trains and evaluates as ``config`` says, logging to ``workdir``."""
+class _Parts(NamedTuple):
+  """A run's data, model and sampler, built and validated from its config."""
+  dataset: input_pipeline.Dataset
+  placement: placement_lib.Placement
+  preprocess: preprocess_lib.Preprocess
+  statistics: Any
+  sampler: jis.ImportanceStep
+  jis_state: jis.ImportanceState
+  presample_size: int
+  data_key: jax.Array
+  aug_key: jax.Array
+
+
+def _build(config: ml_collections.ConfigDict) -> _Parts:
+  """Data, model and sampler, all validated before the first file is written
+  to the workdir: a bad config or missing data leaves no workdir that looks
+  like a run."""
   cadence.check_budgets(config)
   pruning.check(config)
-  checkpoints.quiet_orbax_logs()
-  is_main = jax.process_index() == 0
-
-  # Data, model and sampler, all validated before the first file is written
-  # to the workdir: a bad config or missing data leaves no workdir that
-  # looks like a run.
   dataset = input_pipeline.load(config.dataset)
   input_pipeline.check_labels(dataset)
   n_train, b = len(dataset.train["label"]), int(config.batch_size)
@@ -348,77 +356,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     raise ValueError(f"The training split has {n_train} examples, fewer than "
                      f"one presample batch B = {big_b}; lower batch_size or "
                      "presample.")
-  jis_state = sampler.init(state, jis_key)
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   logging.info("%s from %s: %d train / %d test examples; model %s with %d "
                "parameters; b=%d, B=%d.", dataset.name, dataset.source, n_train,
                len(dataset.test["label"]), config.model.name,
                sum(x.size for x in jax.tree.leaves(state.params)), b, big_b)
+  return _Parts(dataset, placement, preprocess, statistics, sampler,
+                sampler.init(state, jis_key), big_b, data_key, aug_key)
 
-  # Resume from the workdir's latest checkpoint, onto this run's shardings
-  # (on any number of processes and devices).
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                  config.keep_checkpoints)
-  resumed = ckpt.restore_latest(jis_state)
-  position, train_seconds = None, 0.0
-  if resumed:
-    jis_state, position, train_seconds = resumed
-    logging.info("Resumed from %s at step %d (data epoch %d, %.1f s of "
-                 "training).", workdir, int(jis_state.step),
-                 position["epoch"], train_seconds)
-  start_step = int(jis_state.step)
-  writer = metric_writer.MetricWriter(
-      workdir, is_main, keep_until_step=start_step if resumed else None)
-  # Without augmentation the preprocessing is the same every epoch: run it
-  # once, and on device let jis gather only the rows a step uses.
-  prepare = None if preprocess.augment else (
-      lambda split: jax.jit(functools.partial(preprocess, train=False))(
-          split, statistics, aug_key))
-  source = batches.create(config, dataset.train, data_key, big_b, placement,
-                          position, n_train / b, prepare)
-  loop = jax.device_put(Loop(jis=jis_state, data=source.carry(),
-                             first_bad_step=jnp.int32(_NO_BAD_STEP)),
-                        placement.replicated)
-  statistics = jax.device_put(statistics, placement.replicated)
-  evaluator = evaluation.Evaluator(
-      logits_fn, preprocess, placement, config.eval_batch_size, dataset.test,
-      dataset.train, config.eval_train_examples, source.device_split)
-  schedule = cadence.Cadence(config, n_train / b, train_seconds)
 
-  k = max(1, int(config.steps_per_dispatch))
-  sizes = schedule.chunk_sizes(start_step, k)
-  t0 = time.perf_counter()
-  chunk_fns = compile_chunks(
-      loop, statistics, aug_key, sizes, sampler=sampler, source=source,
-      preprocess=preprocess, placement=placement,
-      unroll=bool(config.get("scan_unroll", False)))
-  logging.info("Compiled the training program%s in %.1f s.",
-               "s" if len(sizes) > 1 else "", time.perf_counter() - t0)
-  hlo.warn_if_slow_on_cpu(chunk_fns[max(sizes)], max(sizes))
+def _source(config, parts: _Parts, position):
+  """The batch source. Without augmentation the preprocessing is the same
+  every epoch: it runs once, and on device jis gathers only the rows a step
+  uses."""
+  prepare = None if parts.preprocess.augment else (
+      lambda split: jax.jit(functools.partial(parts.preprocess, train=False))(
+          split, parts.statistics, parts.aug_key))
+  n_train = len(parts.dataset.train["label"])
+  return batches.create(config, parts.dataset.train, parts.data_key,
+                        parts.presample_size, parts.placement, position,
+                        n_train / int(config.batch_size), prepare)
 
-  clocks = cadence.Clocks(train_seconds)
-  out = _Outputs(workdir, writer, ckpt, clocks, n_train / b, {
-      "presample_size": big_b, "batch_size": b, "train_examples": n_train})
+
+def _steps_per_dispatch(config) -> int:
+  return max(1, int(config.steps_per_dispatch))
+
+
+class _Run(NamedTuple):
+  """A run set up and compiled, its training clock not started."""
+  loop: Loop
+  source: Any
+  statistics: Any
+  aug_key: jax.Array
+  evaluator: evaluation.Evaluator
+  schedule: cadence.Cadence
+  chunk_fns: Dict[int, jax.stages.Compiled]
+  out: _Outputs
+  start_step: int
+  resumed: bool
+
+
+def _train(config, run: _Run) -> Result:
+  """The training loop: dispatches chunks until the schedule stops it, with
+  logging, evaluation and checkpoints off the training clock."""
+  loop, source, statistics, out = run.loop, run.source, run.statistics, run.out
+  schedule, clocks, start_step = run.schedule, run.out.clocks, run.start_step
+  k = _steps_per_dispatch(config)
   lr_fn = learning_rate_fn(config)
   bar = tqdm.tqdm(total=schedule.total_steps(), initial=start_step, unit="step",
-                  disable=not (config.progress_bar and is_main),
+                  disable=not (config.progress_bar and jax.process_index() == 0),
                   dynamic_ncols=True, mininterval=0.5)
   step, pending, last_eval, actions = start_step, None, {}, cadence.Actions()
   try:
     with clocks:
       if start_step == 0 and config.get("eval_at_start", True):
-        last_eval = out.evaluate(evaluator, loop, statistics, 0)
+        last_eval = out.evaluate(run.evaluator, loop, statistics, 0)
       # The clock has not started: it reads the checkpoint's seconds. (The
       # first agreement also compiles its collective, off the clock.)
       done = schedule.done(step, clocks.agreed().train_seconds)
       clocks.train.start()
       while not done:
         n = schedule.chunk(step, k)
-        loop, metrics = chunk_fns[n](loop, source.next_input(step, n, loop.jis),
-                                     statistics, aug_key)
+        loop, metrics = run.chunk_fns[n](
+            loop, source.next_input(step, n, loop.jis), statistics,
+            run.aug_key)
         if pending is not None:
           jax.block_until_ready(pending)   # keep one chunk in flight, no more
         pending, prev, step = metrics, step, step + n
@@ -432,7 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         if actions.log:
           out.log_train(loop, metrics, step, float(lr_fn(step)), bar)
         if actions.evaluate:
-          last_eval = out.evaluate(evaluator, loop, statistics, step)
+          last_eval = out.evaluate(run.evaluator, loop, statistics, step)
           schedule.evaluated(clocks.agreed().train_seconds)
         if actions.save:
           out.save(loop, source, step)
@@ -444,16 +444,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         # No evaluation: the grace period before SIGKILL is short.
         out.save(loop, source, step)
         logging.warning("Preempted at step %d: checkpoint saved in %s; run the "
-                        "same command again to resume.", step, workdir)
-      elif step > start_step or not resumed:
-        last_eval = out.evaluate(evaluator, loop, statistics, step)
+                        "same command again to resume.", step, out.workdir)
+      elif step > start_step or not run.resumed:
+        last_eval = out.evaluate(run.evaluator, loop, statistics, step)
         out.save(loop, source, step)
       else:
         logging.info("%s already holds a run to its budget (step %d); raise "
-                     "a budget to train further.", workdir, step)
+                     "a budget to train further.", out.workdir, step)
   finally:
     bar.close()
-    source.close()
-    ckpt.close()
   return Result(state=loop.jis, step=step, train_seconds=clocks.train.read(),
                 eval=last_eval, preempted=actions.preempted)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> Result:
+  """Trains and evaluates as ``config`` says, logging to ``workdir``."""
+  checkpoints.quiet_orbax_logs()
+  parts = _build(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  # Resume from the workdir's latest checkpoint, onto this run's shardings
+  # (on any number of processes and devices).
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  config.keep_checkpoints)
+  jis_state, position, train_seconds = parts.jis_state, None, 0.0
+  resumed = ckpt.restore_latest(jis_state)
+  if resumed:
+    jis_state, position, train_seconds = resumed
+    logging.info("Resumed from %s at step %d (data epoch %d, %.1f s of "
+                 "training).", workdir, int(jis_state.step),
+                 position["epoch"], train_seconds)
+  start_step = int(jis_state.step)
+  writer = metric_writer.MetricWriter(
+      workdir, jax.process_index() == 0,
+      keep_until_step=start_step if resumed else None)
+  source = _source(config, parts, position)
+  placement = parts.placement
+  loop = jax.device_put(Loop(jis=jis_state, data=source.carry(),
+                             first_bad_step=jnp.int32(_NO_BAD_STEP)),
+                        placement.replicated)
+  statistics = jax.device_put(parts.statistics, placement.replicated)
+  dataset = parts.dataset
+  evaluator = evaluation.Evaluator(
+      logits_fn, parts.preprocess, placement, config.eval_batch_size,
+      dataset.test, dataset.train, config.eval_train_examples,
+      source.device_split)
+  steps_per_epoch = len(dataset.train["label"]) / int(config.batch_size)
+  schedule = cadence.Cadence(config, steps_per_epoch, train_seconds)
+  t0 = time.perf_counter()
+  sizes = schedule.chunk_sizes(start_step, _steps_per_dispatch(config))
+  chunk_fns = compile_chunks(
+      loop, statistics, parts.aug_key, sizes, sampler=parts.sampler,
+      source=source, preprocess=parts.preprocess, placement=placement,
+      unroll=bool(config.get("scan_unroll", False)))
+  logging.info("Compiled the training program%s in %.1f s.",
+               "s" if len(sizes) > 1 else "", time.perf_counter() - t0)
+  hlo.warn_if_slow_on_cpu(chunk_fns[max(sizes)], max(sizes))
+
+  clocks = cadence.Clocks(train_seconds)
+  out = _Outputs(workdir, writer, ckpt, clocks, steps_per_epoch, {
+      "presample_size": parts.presample_size,
+      "batch_size": int(config.batch_size),
+      "train_examples": len(dataset.train["label"])})
+  try:
+    return _train(config, _Run(loop, source, statistics, parts.aug_key,
+                               evaluator, schedule, chunk_fns, out,
+                               start_step, bool(resumed)))
+  finally:
+    source.close()
+    ckpt.close()
