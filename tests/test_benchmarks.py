@@ -466,6 +466,30 @@ def test_merge_keeps_the_other_models_and_says_which_run_measured_each():
     convergence._merged({**new, "seeds": 2}, earlier, ["mnist_cnn"])
 
 
+def test_the_report_names_each_merged_run_its_commit_and_its_load():
+  machine = {"cpu": "c", "cores": 2, "memory_gib": 1, "backend": "cpu",
+             "device": "cpu", "jax": "0"}
+  first = {**_part("python -m x --models=a,b --data_dir=d", None),
+           "code": {"commit": "1111111aaaa", "dirty": True},
+           "load_start": [2.0]}
+  second = {**_part("python -m x --models=c --merge", None),
+            "code": {"commit": "2222222bbbb", "dirty": False},
+            "load_start": [0.5]}
+  merged = {"machine": machine, "command": "A && B", "date": "d",
+            "code": second["code"], "parts": [first, second]}
+  assert report._commits(merged, 7) == (
+      "commits 1111111 (with uncommitted changes) and 2222222")
+  text = report.provenance(merged)
+  assert "a,b on d (load at start [2.0])" in text
+  assert "c on d (load at start [0.5])" in text
+  # One run, or parts of one commit: one commit, no "merged" line.
+  single = {**merged, "parts": [second]}
+  assert report._commits(single, 7) == "commit 2222222"
+  assert "Merged" not in report.provenance(single)
+  assert report._commits({**merged, "parts": [second, second]}, 3) == (
+      "commit 222")
+
+
 def test_summarize_a_synthetic_model():
   r = _synthetic_convergence(("mnist_mlp",))
   s = r["models"]["mnist_mlp"]["summary"]

@@ -19,6 +19,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 from typing import Dict, Optional, Sequence
 
@@ -41,7 +42,20 @@ def provenance(result: Dict) -> str:
           f"{m['backend']} backend ({m['device']}), jax {m['jax']}. "
           f"*Date:* {result['date']}. *Load average (1/5/15 min) at start:* "
           f"{result.get('load_start')}, at end: {result.get('load_end')}.\n\n"
-          f"```bash\n{result['command']}\n```\n")
+          f"```bash\n{result['command']}\n```\n" + _parts(result))
+
+
+def _parts(result: Dict) -> str:
+  """For a result merged from several runs: each run's date and load."""
+  parts = result.get("parts") or []
+  if len(parts) < 2:
+    return ""
+  def models(command):
+    found = re.search(r"--models[= ](\S+)", command)
+    return found.group(1) if found else "all models"
+  return "\nMerged from two or more runs: " + "; ".join(
+      f"{models(p['command'])} on {p['date']} (load at start "
+      f"{p.get('load_start')})" for p in parts) + ".\n"
 
 
 def _plot(path: str, draw) -> Optional[str]:
@@ -287,6 +301,20 @@ def convergence_plot(model: str, entry: Dict, path: str) -> Optional[str]:
   return _plot(path, draw)
 
 
+def _commits(r: Dict, digits: int) -> str:
+  """``commit X``, or ``commits X and Y`` for a result merged from runs of
+  different commits (each part's, in order), marking uncommitted changes."""
+  codes = [p.get("code") or {} for p in r.get("parts") or []] or [
+      r.get("code") or {}]
+  names = []
+  for code in codes:
+    name = str(code.get("commit"))[:digits] + (
+        " (with uncommitted changes)" if code.get("dirty") else "")
+    if name not in names:
+      names.append(name)
+  return ("commit " if len(names) == 1 else "commits ") + " and ".join(names)
+
+
 def convergence_section(r: Dict, plots: str, rel: str) -> str:
   methods = ", ".join(
       f"`{m}` ({'no options: jis defaults' if not o else json.dumps(o)})"
@@ -294,8 +322,7 @@ def convergence_section(r: Dict, plots: str, rel: str) -> str:
   code = r.get("code") or {}
   text = ["## Convergence per second: the original library's four examples\n",
           provenance(r),
-          f"*Code:* jis {code.get('jis')}, commit {code.get('commit')}"
-          f"{' (with uncommitted changes)' if code.get('dirty') else ''}.\n",
+          f"*Code:* jis {code.get('jis')}, {_commits(r, 40)}.\n",
           f"Methods: {methods}. {r['seeds']} seed(s) each (from seed "
           f"{r['first_seed']}). {_budget_rule(r)} Training clock only "
           "(compilation, evaluation "
@@ -461,13 +488,13 @@ def readme_summary(in_dir: str = common.RESULTS_DIR,
           f"{_range(per_u)} uniform steps.")
   cv = _convergence(_load(os.path.join(in_dir, f"convergence{suffix}.json")))
   if cv:
-    m, code = cv["machine"], cv.get("code") or {}
+    m = cv["machine"]
     lines.append(
         f"- **Convergence per second**, the original library's four examples "
         f"(real data, {cv['seeds']} seed{'s' if cv['seeds'] != 1 else ''}, "
         "uniform against jis's defaults at "
         f"equal training time; {m['cores']}-core {m['backend']}, "
-        f"{cv['date'][:10]}, commit {str(code.get('commit'))[:7]}): medians "
+        f"{cv['date'][:10]}, {_commits(cv, 7)}): medians "
         "over seeds at the budget (uniform's time for its epochs, paired "
         "by seed where docs/benchmarks.md says so); the "
         "original's figures are from its examples page (Keras, CPU).\n")
