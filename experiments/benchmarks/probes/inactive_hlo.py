@@ -33,9 +33,22 @@ class MLP(nn.Module):
 
 
 model = MLP()
-data = {"x": jnp.asarray(np.random.default_rng(0).random((N, D), np.float32)),
-        "label": jnp.asarray(np.random.default_rng(1).integers(0, C, N),
-                             jnp.int32)}
+
+
+def dataset(density: float = 1.0):
+  """``N`` random examples on the device; ``density`` of the inputs nonzero."""
+  x = np.random.default_rng(0).random((N, D), np.float32)
+  if density < 1:
+    x = (x < density).astype(np.float32)
+  return {"x": jnp.asarray(x), "label": jnp.asarray(
+      np.random.default_rng(1).integers(0, C, N), jnp.int32)}
+
+
+def fresh_state():
+  return train_state.TrainState.create(
+      apply_fn=model.apply,
+      params=model.init(jax.random.key(0), jnp.zeros((1, D)), False)["params"],
+      tx=optax.adam(1e-3))
 
 
 def train_step(state, batch, weights):
@@ -52,7 +65,7 @@ def logits_fn(state, batch):
   return model.apply({"params": state.params}, batch["x"], False)
 
 
-def scanned(step, n, indexed):
+def scanned(step, n, indexed, data):
   def body(s, key):
     i = jax.random.randint(key, (n,), 0, N)
     batch = (jis.Indexed(data, i) if indexed
@@ -92,18 +105,21 @@ def describe(name: str, hlo: str) -> None:
         f"{len(re.findall(r' while[(]', text))}")
 
 
-state = train_state.TrainState.create(
-    apply_fn=model.apply,
-    params=model.init(jax.random.key(0), jnp.zeros((1, D)), False)["params"],
-    tx=optax.adam(1e-3))
-sampler = jis.importance_step(train_step, logits_fn, batch_size=b)
-programs = {
-    "plain": (scanned(lambda s, x: train_step(s, x, jnp.ones((b,))), b, False),
-              state),
-    "default, jis.Indexed": (scanned(sampler.step, 3 * b, True),
-                             sampler.init(state, jax.random.key(0))),
-    "default, arrays": (scanned(sampler.step, 3 * b, False),
-                        sampler.init(state, jax.random.key(0))),
-}
-for label, (fn, s) in programs.items():
-  describe(label, fn.lower(s, jax.random.key(0)).compile().as_text())
+def main():
+  data = dataset()
+  state = fresh_state()
+  sampler = jis.importance_step(train_step, logits_fn, batch_size=b)
+  programs = {
+      "plain": (scanned(lambda s, x: train_step(s, x, jnp.ones((b,))), b,
+                        False, data), state),
+      "default, jis.Indexed": (scanned(sampler.step, 3 * b, True, data),
+                               sampler.init(state, jax.random.key(0))),
+      "default, arrays": (scanned(sampler.step, 3 * b, False, data),
+                          sampler.init(state, jax.random.key(0))),
+  }
+  for label, (fn, s) in programs.items():
+    describe(label, fn.lower(s, jax.random.key(0)).compile().as_text())
+
+
+if __name__ == "__main__":
+  main()

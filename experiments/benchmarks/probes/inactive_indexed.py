@@ -15,69 +15,77 @@ import json
 import statistics
 import sys
 
-import jax, jax.numpy as jnp, numpy as np, optax, flax.linen as nn
-from flax.training import train_state
+import jax
+import jax.numpy as jnp
+
 import jis
 from experiments.benchmarks import common
-N, D, H, C, b, K = 8982, 1000, 512, 46, 32, 256
+# The model, steps and sizes of the HLO probe beside this file.
+from inactive_hlo import N, b, dataset, fresh_state as fresh, logits_fn, train_step
+
+K = 256
 REPS, OUT = int(sys.argv[1]), sys.argv[2]
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x, train):
-    x = nn.relu(nn.Dense(H)(x))
-    return nn.Dense(C)(nn.Dropout(0.5, deterministic=not train)(x))
-model = MLP()
-data = {"x": jnp.asarray((np.random.default_rng(0).random((N, D)) < 0.05).astype(np.float32)),
-        "label": jnp.asarray(np.random.default_rng(1).integers(0, C, N), jnp.int32)}
-def train_step(state, batch, weights):
-  rng = jax.random.fold_in(jax.random.key(1), state.step)
-  def loss_fn(p):
-    logits = model.apply({"params": p}, batch["x"], True, rngs={"dropout": rng})
-    return jnp.mean(weights * optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  return state.apply_gradients(grads=grads), {"loss": loss}
-def logits_fn(state, batch):
-  return model.apply({"params": state.params}, batch["x"], False)
-def fresh():
-  return train_state.TrainState.create(apply_fn=model.apply,
-      params=model.init(jax.random.key(0), jnp.zeros((1, D)), False)["params"], tx=optax.adam(1e-3))
+data = dataset(density=0.05)
+
+
 def scanned(step, n, keep=None):
-  def body(carry, i, data):
-    s, off = carry
-    idx = (off + jnp.arange(n)) % N
-    s, m = step(s, jis.Indexed(data, idx))
+  """``K`` steps in one program; presample ``i`` is the ``n`` rows after the
+  previous step's, which moves on by ``is/rows_used`` (``n`` if absent)."""
+  def body(carry, data):
+    s, offset = carry
+    s, m = step(s, jis.Indexed(data, (offset + jnp.arange(n)) % N))
     rows = m.get("is/rows_used", n)
     if keep is not None:
       m = {k: m[k] for k in keep}
-    return (s, off + rows), m
-  return jax.jit(lambda s, data: jax.lax.scan(lambda c, i: body(c, i, data), (s, jnp.int32(0)), jnp.arange(K)), donate_argnums=0)
+    return (s, offset + rows), m
+  return jax.jit(lambda s, data: jax.lax.scan(
+      lambda c, _: body(c, data), (s, jnp.int32(0)), jnp.arange(K)),
+                 donate_argnums=0)
+
+
 def plain_step(s, batch):
-  return train_step(s, jax.tree.map(lambda x: x[batch.index[:b]], batch.data), jnp.ones((b,)))
-sampler = jis.importance_step(train_step, logits_fn, batch_size=b)
-never = jis.importance_step(train_step, logits_fn, batch_size=b, condition=jis.never())
-progs = {"plain": (scanned(plain_step, b), fresh()),
-         "default": (scanned(sampler.step, 3*b), sampler.init(fresh(), jax.random.key(0))),
-         "default_loss_rows": (scanned(sampler.step, 3*b, keep=("loss", "is/rows_used")), sampler.init(fresh(), jax.random.key(0))),
-         "never": (scanned(never.step, 3*b), never.init(fresh(), jax.random.key(0)))}
-carry = {k: v[1] for k, v in progs.items()}
-def runner(name):
-  f = progs[name][0]
-  def run():
-    out, m = f(carry[name], data)
-    carry[name] = out[0]
-    jax.block_until_ready(m)
-  return run
-fns = {k: runner(k) for k in progs}
-for f in fns.values(): f(); f()
-t = common.time_interleaved(fns, REPS)
-result = {"machine": common.machine(), "repeats": REPS, "steps_per_scan": K,
-          "batch_size": b, "presample_size": 3 * b, "programs": {}}
-for k, v in t.items():
-  r = sorted(x / y for x, y in zip(v, t["plain"]))
-  result["programs"][k] = {"ms_per_step": 1e3 * statistics.median(v) / K,
-                           "over_plain": statistics.median(r),
-                           "over_plain_range": [r[0], r[-1]]}
-  print(f"{k:18s} {1e3*statistics.median(v)/K:.3f} ms/step  "
-        f"{statistics.median(r):.3f}x plain [{r[0]:.2f}-{r[-1]:.2f}]")
-with open(OUT, "w") as f:
-  json.dump(result, f, indent=1)
+  rows = jax.tree.map(lambda x: x[batch.index[:b]], batch.data)
+  return train_step(s, rows, jnp.ones((b,)))
+
+
+def main():
+  sampler = jis.importance_step(train_step, logits_fn, batch_size=b)
+  never = jis.importance_step(train_step, logits_fn, batch_size=b,
+                              condition=jis.never())
+  progs = {
+      "plain": (scanned(plain_step, b), fresh()),
+      "default": (scanned(sampler.step, 3 * b),
+                  sampler.init(fresh(), jax.random.key(0))),
+      "default_loss_rows": (
+          scanned(sampler.step, 3 * b, keep=("loss", "is/rows_used")),
+          sampler.init(fresh(), jax.random.key(0))),
+      "never": (scanned(never.step, 3 * b),
+                never.init(fresh(), jax.random.key(0))),
+  }
+  carry = {k: v[1] for k, v in progs.items()}
+
+  def runner(name):
+    def run():
+      out, m = progs[name][0](carry[name], data)
+      carry[name] = out[0]
+      jax.block_until_ready(m)
+    return run
+  fns = {k: runner(k) for k in progs}
+  for f in fns.values():
+    f(), f()
+  t = common.time_interleaved(fns, REPS)
+  result = {"machine": common.machine(), "repeats": REPS, "steps_per_scan": K,
+            "batch_size": b, "presample_size": 3 * b, "programs": {}}
+  for k, v in t.items():
+    r = sorted(x / y for x, y in zip(v, t["plain"]))
+    result["programs"][k] = {"ms_per_step": 1e3 * statistics.median(v) / K,
+                             "over_plain": statistics.median(r),
+                             "over_plain_range": [r[0], r[-1]]}
+    print(f"{k:18s} {1e3 * statistics.median(v) / K:.3f} ms/step  "
+          f"{statistics.median(r):.3f}x plain [{r[0]:.2f}-{r[-1]:.2f}]")
+  with open(OUT, "w") as f:
+    json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
