@@ -126,12 +126,14 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   ``b`` rows (and weights) the *previous* step drew from its presample, and
   draws from its own presample the rows the next step trains on (the first
   step trains on the first ``b`` rows of its presample, weight 1). The draw
-  then runs beside the training instead of before it: the rows of a step
+  then comes after the training instead of before it: the rows of a step
   no longer wait for the table lookup, the policy and the gather that
   follows them, which cost a 5 ms MLP step about 15 % on a 2-core CPU. The
-  update stays unbiased: the rows were drawn from a uniform presample that
-  the parameters they are trained at do not depend on. The scores are
-  stale either way; the draw is one step staler.
+  step writes the trained rows' scores first and then looks up its
+  presample, so the draw reads the scores just written and XLA updates the
+  table in place. The update stays unbiased: the rows were drawn from a
+  uniform presample that the parameters they are trained at do not depend
+  on. The scores are stale either way; the draw is one step staler.
 
   The refreshed scores come from the logits the ``train_step`` hands back
   under ``"is/logits"`` (free: they are the train-mode logits of its forward

@@ -11,7 +11,8 @@ One step, read top to bottom (Katharopoulos & Fleuret 2018, Algorithm 1):
    conditional (a ``lax.cond`` returning the train state would copy every
    parameter and optimizer buffer on every step); with a score table's
    lookahead it trains instead on the rows the previous step drew
-   (``state.pending``), and keeps this step's draw for the next;
+   (``state.pending``), records their scores, and only then draws (step 2)
+   for the next step;
 4. ``record`` the trained examples' scores where something keeps them (a
    score table, a policy that observes uniform steps): from the step's own
    ``is/logits``, or a forward pass at the parameters it trained with;
@@ -354,28 +355,24 @@ def _moving_tau(plan, state, measured: Array):
           jnp.asarray(state.step, jnp.int32))
 
 
-def _record(plan, choice, static, active, batch, rows, trained, step,
-            trained_at=None):
+def _record(plan, choice, static, active, batch, rows, trained, step):
   """Keeps the trained examples' scores where something needs them: the score
   table (unless this step wrote the whole presample's) and a policy that
-  observes uniform steps. ``trained_at``: the trained rows' dataset indices
-  when they are not this presample's (lookahead)."""
+  observes uniform steps."""
   table, observe = plan.table, plan.policy.observe
   if trained is None:
     return choice.own
-  fresh = choice.fresh if trained_at is None else jnp.asarray(False)
   if table is not None:
-    if trained_at is None:
-      trained_at = _stale.trained_index(table, batch, rows, choice.positions)
+    index = _stale.trained_index(table, batch, rows, choice.positions)
     # The table is replicated: every device writes all trained examples.
-    index = plan.placement.put(trained_at, None)
+    index = plan.placement.put(index, None)
     trained = plan.placement.put(trained, None)
 
   def on_importance(own):
     if table is None:
       return own
     return own._replace(table=_stale.refresh(table, own.table, index, step,
-                                             fresh, lambda: trained))
+                                             choice.fresh, lambda: trained))
 
   def on_uniform(own):
     scores = trained
@@ -389,24 +386,41 @@ def _record(plan, choice, static, active, batch, rows, trained, step,
   return _branch(static, active, on_importance, on_uniform, choice.own)
 
 
-def _rows_to_train(plan, state, batch, choice, n_train, lookahead):
-  """``(rows, weights, trained_at, pending)``: the rows this step trains on
-  and their weights. Without lookahead, those ``choice`` drew from this
-  presample (``trained_at`` None, ``pending`` unchanged). With it, the
-  previous step's draw (before the first, this presample's first
-  ``n_train`` rows with weight 1), read from the dataset at ``trained_at``;
-  ``pending`` is then this step's draw, for the next step."""
-  if not lookahead:
-    return (plan.placement.gather(batch, choice.positions), choice.weights,
-            None, state.pending)
+def _train(plan, model, state, rows, weights, static, active, n_train):
+  """``(train state, metrics, trained scores)``: the user's ``train_step`` on
+  ``rows`` with ``weights`` (and the loader's own weights), and the trained
+  examples' scores where something keeps them (else None)."""
+  if plan.example_weights is not None:   # the loader's own weights
+    weights = weights * jnp.asarray(plan.example_weights(rows), jnp.float32)
+  before = _score_before_update(plan, model, state, rows, static, active)
+  out = model.train_step(state.inner, rows, weights)
+  inner, metrics, logits = _check_train_step_output(state.inner, out, n_train)
+  return inner, metrics, _trained_scores(plan, model, static, rows, before,
+                                         logits)
+
+
+def _lookahead(plan, model, state, batch, own, n_scored, n_train):
+  """A step that trains on the rows the previous step drew
+  (``state.pending``; before the first, this presample's first ``n_train``
+  rows with weight 1), writes their scores, and only then looks up and
+  draws from its own presample the rows the next step trains on. The
+  training waits for no lookup or draw, the draw reads the scores just
+  written, and the table is updated in place (a write after the lookup
+  that nothing orders makes XLA copy the whole table every step)."""
   ready = state.pending.ready
   trained_at = jnp.where(ready, state.pending.index, batch.index[:n_train])
   weights = jnp.where(ready, state.pending.weights, 1.0)
+  inner, metrics, trained = _train(
+      plan, model, state, _indexed.dataset_rows(batch, trained_at), weights,
+      True, True, n_train)
+  own = own._replace(table=plan.table.write(own.table, trained_at, trained,
+                                            state.step))
+  choice = _choose_importance(plan, model, state, batch, own, n_scored,
+                              n_train)
   pending = _stale.Pending(
       jnp.take(batch.index, choice.positions).astype(jnp.int32),
       choice.weights, jnp.asarray(True))
-  return (_indexed.dataset_rows(batch, trained_at), weights, trained_at,
-          pending)
+  return choice, inner, metrics, choice.own, pending
 
 
 def _sized_step(plan, model, state, batch, active, static, n_scored,
@@ -416,21 +430,21 @@ def _sized_step(plan, model, state, batch, active, static, n_scored,
   With ``lookahead`` it trains on the previous step's draw and keeps its own
   for the next step."""
   own = _Own(state.condition, state.transforms, state.policy, state.table)
-  choice = _branch(
-      static, active,
-      lambda own: _choose_importance(plan, model, state, batch, own,
-                                     n_scored, n_train),
-      lambda own: _choose_uniform(plan, state, own, n_train), own)
-  rows, weights, trained_at, pending = _rows_to_train(
-      plan, state, batch, choice, n_train, lookahead)
-  if plan.example_weights is not None:   # the loader's own weights
-    weights = weights * jnp.asarray(plan.example_weights(rows), jnp.float32)
-  before = _score_before_update(plan, model, state, rows, static, active)
-  out = model.train_step(state.inner, rows, weights)
-  inner, metrics, logits = _check_train_step_output(state.inner, out, n_train)
-  trained = _trained_scores(plan, model, static, rows, before, logits)
-  own = _record(plan, choice, static, active, batch, rows, trained, state.step,
-                trained_at)
+  if lookahead:
+    choice, inner, metrics, own, pending = _lookahead(
+        plan, model, state, batch, own, n_scored, n_train)
+  else:
+    choice = _branch(
+        static, active,
+        lambda own: _choose_importance(plan, model, state, batch, own,
+                                       n_scored, n_train),
+        lambda own: _choose_uniform(plan, state, own, n_train), own)
+    rows = plan.placement.gather(batch, choice.positions)
+    inner, metrics, trained = _train(plan, model, state, rows, choice.weights,
+                                     static, active, n_train)
+    own = _record(plan, choice, static, active, batch, rows, trained,
+                  state.step)
+    pending = state.pending
   draw = choice.draw
   new_state = ImportanceState(inner, state.key, state.step + 1, choice.tau,
                               *own, tau_step=choice.tau_step, pending=pending)

@@ -393,14 +393,22 @@ def test_lookahead_trains_each_step_on_the_previous_steps_draw():
   ahead = _sampler(jis.stale_scores(N, lookahead=True),
                    train_step=_weighted_train_step)
   p0, p1 = (jis.Indexed(data, _indices(t)) for t in (0, 1))
-  _, drawn = jax.jit(plain.step)(_prefilled(plain, params, jax.random.key(3)),
-                                 p0)
   step = jax.jit(ahead.step)
-  state, first = step(_prefilled(ahead, params, jax.random.key(3)), p0)
+  start = _prefilled(ahead, params, jax.random.key(3))
+  state, first = step(start, p0)
   # Step 0 trains on the first b rows of its presample with weight 1 and
-  # keeps the draw the plain step trains on at once.
+  # writes their scores at step 0, before it draws.
   np.testing.assert_array_equal(first["trained"], np.asarray(p0.index)[:B])
   np.testing.assert_array_equal(first["weights"], 1.0)
+  written = np.flatnonzero(np.asarray(state.table.scores)
+                           != np.asarray(start.table.scores))
+  assert set(written) <= set(np.asarray(p0.index)[:B].tolist())
+  assert len(written) > 0
+  # Its draw is the one the plain step makes from the table so written,
+  # which the plain step trains on at once.
+  _, drawn = jax.jit(plain.step)(
+      _prefilled(plain, params, jax.random.key(3))._replace(
+          table=state.table), p0)
   np.testing.assert_array_equal(state.pending.index, drawn["trained"])
   state, second = step(state, p1)
   np.testing.assert_array_equal(second["trained"], drawn["trained"])
@@ -429,11 +437,21 @@ def test_lookahead_update_is_unbiased():
   full, _ = _train_step(theta1, rows(p0.index), jnp.ones(BIG_B))
   updates = np.asarray(theta2 - theta1, np.float64).reshape(draws, -1)
   reference = np.asarray(full - theta1, np.float64).ravel()
-  mean, stderr = updates.mean(0), updates.std(0) / np.sqrt(draws)
+  diff = updates.mean(0) - reference
+  stderr = updates.std(0) / np.sqrt(draws)
   assert np.all(stderr > 0)   # the draw varies with the key
-  z = (mean - reference) / stderr
-  assert np.all(np.abs(z) < 4.5)
-  assert np.sum(z ** 2) < 37.7   # chi-square, 15 degrees of freedom, p = 0.001
+  assert np.all(np.abs(diff / stderr) < 4.5)
+  # The coordinates are correlated, and a softmax's gradients sum to zero
+  # over the classes, so the updates span DIM * (CLASSES - 1) dimensions:
+  # Hotelling's T² on that range is chi-square with as many degrees of
+  # freedom, and off it the mean must match to rounding.
+  variances, axes = np.linalg.eigh(np.cov(updates, rowvar=False))
+  spanned = variances > 1e-8 * variances.max()
+  assert spanned.sum() == DIM * (CLASSES - 1)
+  along = axes[:, spanned].T @ diff
+  t2 = draws * np.sum(along ** 2 / variances[spanned])
+  assert t2 < 29.59   # chi2(10) upper 0.001 quantile (scipy.stats.chi2.ppf)
+  np.testing.assert_allclose(axes[:, ~spanned].T @ diff, 0.0, atol=1e-6)
 
 
 def test_lookahead_resumes_bit_exact_from_a_saved_state():
