@@ -420,7 +420,7 @@ def _lookahead(plan, model, state, batch, own, n_scored, n_train):
   pending = _stale.Pending(
       jnp.take(batch.index, choice.positions).astype(jnp.int32),
       choice.weights, jnp.asarray(True))
-  return choice, inner, metrics, choice.own, pending
+  return choice, inner, metrics, pending
 
 
 def _sized_step(plan, model, state, batch, active, static, n_scored,
@@ -431,8 +431,9 @@ def _sized_step(plan, model, state, batch, active, static, n_scored,
   for the next step."""
   own = _Own(state.condition, state.transforms, state.policy, state.table)
   if lookahead:
-    choice, inner, metrics, own, pending = _lookahead(
+    choice, inner, metrics, pending = _lookahead(
         plan, model, state, batch, own, n_scored, n_train)
+    own = choice.own
   else:
     choice = _branch(
         static, active,
