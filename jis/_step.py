@@ -363,9 +363,9 @@ def _record(plan, choice, static, active, batch, rows, trained, step):
   if trained is None:
     return choice.own
   if table is not None:
-    index = _stale.trained_index(table, batch, rows, choice.positions)
     # The table is replicated: every device writes all trained examples.
-    index = plan.placement.put(index, None)
+    index = plan.placement.put(
+        _stale.trained_index(table, batch, rows, choice.positions), None)
     trained = plan.placement.put(trained, None)
 
   def on_importance(own):

@@ -469,10 +469,10 @@ def test_merge_keeps_the_other_models_and_says_which_run_measured_each():
 def test_the_report_names_each_merged_run_its_commit_and_its_load():
   machine = {"cpu": "c", "cores": 2, "memory_gib": 1, "backend": "cpu",
              "device": "cpu", "jax": "0"}
-  first = {**_part("python -m x --models=a,b --data_dir=d", None),
+  first = {**_part("python -m x --models=a,b --data_dir=d", ["a", "b"]),
            "code": {"commit": "1111111aaaa", "dirty": True},
            "load_start": [2.0]}
-  second = {**_part("python -m x --models=c --merge", None),
+  second = {**_part("python -m x --models=c --merge", ["c"]),
             "code": {"commit": "2222222bbbb", "dirty": False},
             "load_start": [0.5]}
   merged = {"machine": machine, "command": "A && B", "date": "d",

@@ -19,7 +19,6 @@ import argparse
 import functools
 import json
 import os
-import re
 import sys
 from typing import Dict, Optional, Sequence
 
@@ -50,12 +49,9 @@ def _parts(result: Dict) -> str:
   parts = result.get("parts") or []
   if len(parts) < 2:
     return ""
-  def models(command):
-    found = re.search(r"--models[= ](\S+)", command)
-    return found.group(1) if found else "all models"
   return "\nMerged from two or more runs: " + "; ".join(
-      f"{models(p['command'])} on {p['date']} (load at start "
-      f"{p.get('load_start')})" for p in parts) + ".\n"
+      f"{','.join(p.get('models') or ['all models'])} on {p['date']} (load "
+      f"at start {p.get('load_start')})" for p in parts) + ".\n"
 
 
 def _plot(path: str, draw) -> Optional[str]:
