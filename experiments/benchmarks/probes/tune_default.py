@@ -89,6 +89,13 @@ class Runner:
     self.big_b = int(round(presample * b))
     self.state = self.sampler.init(state, jis_key)
     self.data = jax.device_put(dataset.train)
+    # Without augmentation the preprocessing runs once, and a step's
+    # presample is a jis.Indexed into it, as in experiments.train (which
+    # stale_scores(lookahead=True) needs).
+    self.prepared = None if self.preprocess.augment else jax.jit(
+        lambda split: self.preprocess(split, self.prep, aug_key, False))(
+            self.data)
+    self.inputs = self.data if self.prepared is None else self.prepared
     self.test = jax.device_put(dataset.test)
     self.chunk = chunk
     self.run = jax.jit(self._run, donate_argnums=0)
@@ -108,10 +115,14 @@ class Runner:
               self.data_key, epoch, self.n).astype(jnp.int32),
           lambda: perm)
       idx = jax.lax.dynamic_slice_in_dim(perm, start, self.big_b)
-      batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
-      batch["index"] = idx
-      batch = self.preprocess(batch, self.prep,
-                              jax.random.fold_in(self.data_key, state.step), True)
+      if self.prepared is not None:
+        batch = jis.Indexed(data, idx)
+      else:
+        batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+        batch["index"] = idx
+        batch = self.preprocess(
+            batch, self.prep, jax.random.fold_in(self.data_key, state.step),
+            True)
       state, metrics = self.sampler.step(state, batch)
       keep = {k: v.astype(jnp.float32) for k, v in metrics.items()
               if k in ("is/active", "is/tau", "is/max_weight", "is/ess",
@@ -159,7 +170,7 @@ def measure_cost(config, dataset, chunk, repeats=5):
     for k, r in runners.items():
       t0 = time.perf_counter()
       for _ in range(max(1, 20 // chunk)):
-        carries[k], m = r.run(carries[k], r.data)
+        carries[k], m = r.run(carries[k], r.inputs)
       jax.block_until_ready(m)
       times[k].append(time.perf_counter() - t0)
   ratio = statistics.median(a / b for a, b in zip(times["is"][1:], times["u"][1:]))
@@ -178,7 +189,7 @@ def run_method(config, dataset, options, seed, budget, cost, evals, chunk):
   units, steps, active, logs = 0.0, 0, 0.0, []
   t0 = time.perf_counter()
   while points:
-    carry, m = r.run(carry, r.data)
+    carry, m = r.run(carry, r.inputs)
     m = jax.device_get(m)
     a = float(np.sum(m["is/active"]))
     steps += r.chunk

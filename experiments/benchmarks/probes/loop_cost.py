@@ -1,0 +1,103 @@
+r"""Step cost of the convergence benchmark's methods in its own training loop.
+
+The convergence benchmark trains each method for uniform's seconds, one run
+after another, so a 2-core machine's drift between runs lands in the
+comparison. This probe builds the benchmark's runs (``convergence.make_config``,
+``experiments.train``'s program and batch source) for several methods on one
+model and times their compiled chunks interleaved in one process, so that the
+drift cancels out of the ratios: what each method's step costs in the loop the
+benchmark measures.
+
+  python experiments/benchmarks/probes/loop_cost.py reuters_mlp 21 \
+      uniform,default,no_scoring_pass runs/loop_cost_reuters.json
+
+Methods are names in ``convergence.METHODS`` or ``NAME=JSON`` sampler
+options, separated by ``;`` when a JSON holds commas.
+"""
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from experiments import train
+from experiments.benchmarks import common
+from experiments.benchmarks import convergence
+
+
+def build(model: str, method: str, data_dir: str):
+  """The benchmark's compiled chunk for ``method`` (a name in
+  ``convergence.METHODS``, or ``NAME=JSON`` of sampler options), its loop
+  and inputs."""
+  name, _, options = method.partition("=")
+  config = convergence.make_config(
+      model, name, 0, data_dir, False, budget_epochs=1.0,
+      sampler=json.loads(options) if options else None)
+  parts = train._build(config)  # pylint: disable=protected-access
+  source = train._source(config, parts, None)  # pylint: disable=protected-access
+  k = max(1, int(config.steps_per_dispatch))
+  loop = jax.device_put(
+      train.Loop(jis=parts.jis_state, data=source.carry(),
+                 first_bad_step=jnp.int32(train._NO_BAD_STEP)),  # pylint: disable=protected-access
+      parts.placement.replicated)
+  stats = jax.device_put(parts.statistics, parts.placement.replicated)
+  fn = train.compile_chunks(
+      loop, stats, parts.aug_key, [k], sampler=parts.sampler, source=source,
+      preprocess=parts.preprocess, placement=parts.placement,
+      unroll=bool(config.get("scan_unroll", False)))[k]
+  return {"fn": fn, "loop": loop, "source": source, "stats": stats,
+          "key": parts.aug_key, "k": k}
+
+
+def time_dispatches(run, dispatches: int) -> float:
+  """Seconds per step over ``dispatches`` chunks, each waited for, as the
+  benchmark's loop waits for each (it logs every dispatch)."""
+  t0, active = time.perf_counter(), []
+  for _ in range(dispatches):
+    run["loop"], metrics = run["fn"](
+        run["loop"], run["source"].next_input(0, run["k"], run["loop"].jis),
+        run["stats"], run["key"])
+    jax.block_until_ready((run["loop"], metrics))
+    active.append(metrics["is/active"])
+  seconds = (time.perf_counter() - t0) / (dispatches * run["k"])
+  run["active"] = run.get("active", []) + [float(a) for a in active]
+  return seconds
+
+
+def main(model="reuters_mlp", repeats="21",
+         methods="uniform,default,no_scoring_pass", out=""):
+  data_dir = common.data_dir()
+  specs = methods.split(";") if ";" in methods else methods.split(",")
+  names = [m.partition("=")[0] for m in specs]
+  runs = {n: build(model, m, data_dir) for n, m in zip(names, specs)}
+  dispatches = max(1, 500 // runs[names[0]]["k"])
+  times = {m: [] for m in names}
+  for r in range(int(repeats) + 1):
+    for m in names if r % 2 else names[::-1]:
+      t = time_dispatches(runs[m], dispatches)
+      if r:   # the first round warms up
+        times[m].append(t)
+  base = times["uniform"]
+  rows = {}
+  print(f"{model}: {dispatches} dispatches of {runs[names[0]]['k']} steps a "
+        f"round, {repeats} rounds, order alternating")
+  for m in names:
+    ratios = [a / b for a, b in zip(times[m], base)]
+    rows[m] = {"ms_per_step": 1e3 * statistics.median(times[m]),
+               "active_fraction": statistics.mean(runs[m]["active"]),
+               "ratio_median": statistics.median(ratios),
+               "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    print(f"  {m:>16}: {rows[m]['ms_per_step']:.3f} ms/step, "
+          f"{rows[m]['ratio_median']:.3f}x uniform "
+          f"[{rows[m]['ratio_min']:.3f}-{rows[m]['ratio_max']:.3f}], "
+          f"IS active {rows[m]['active_fraction']:.3f}")
+  if out:
+    common.write_json({**common.header(sys.argv), "model": model,
+                       "repeats": int(repeats), "rows": rows,
+                       "times": times}, out)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])
