@@ -75,8 +75,9 @@ def train_step(state, batch, weights):
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  # "is/logits" lets jis keep its variance estimate current on uniform steps
-  # without another forward pass.
+  # "is/logits" (optional; jis removes it from the metrics) hands a score
+  # table (jis.stale_scores) the trained examples' scores without another
+  # forward pass. The default sampler here does not use it; it costs nothing.
   return state.apply_gradients(grads=grads), {"loss": loss, "is/logits": logits}
 
 

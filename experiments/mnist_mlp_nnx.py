@@ -66,8 +66,9 @@ def train_step(model, optimizer, rngs, batch, weights):
   (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
       model, batch, rngs)
   optimizer.update(model, grads)
-  # "is/logits" lets jis keep its variance estimate current on uniform steps
-  # without another forward pass.
+  # "is/logits" (optional; jis removes it from the metrics) hands a score
+  # table (jis.stale_scores) the trained examples' scores without another
+  # forward pass. The default sampler here does not use it; it costs nothing.
   return {"loss": loss, jis.LOGITS_KEY: logits}
 
 

@@ -6,10 +6,12 @@ comparison. This probe builds the benchmark's runs (``convergence.make_config``,
 ``experiments.train``'s program and batch source) for several methods on one
 model and times their compiled chunks interleaved in one process, so that the
 drift cancels out of the ratios: what each method's step costs in the loop the
-benchmark measures.
+benchmark measures. Every round times each method on the same first steps of
+its run (from its initial state), so the probes and switches are those of a
+run's start.
 
   python experiments/benchmarks/probes/loop_cost.py reuters_mlp 21 \
-      uniform,default,no_scoring_pass runs/loop_cost_reuters.json
+      uniform,default,no_scoring_pass runs/loop_cost_reuters.json 2800
 
 Methods are names in ``convergence.METHODS`` or ``NAME=JSON`` sampler
 options, separated by ``;`` when a JSON holds commas.
@@ -47,13 +49,14 @@ def build(model: str, method: str, data_dir: str):
       loop, stats, parts.aug_key, [k], sampler=parts.sampler, source=source,
       preprocess=parts.preprocess, placement=parts.placement,
       unroll=bool(config.get("scan_unroll", False)))[k]
-  return {"fn": fn, "loop": loop, "source": source, "stats": stats,
+  return {"fn": fn, "start": loop, "source": source, "stats": stats,
           "key": parts.aug_key, "k": k}
 
 
 def time_dispatches(run, dispatches: int) -> float:
-  """Seconds per step over ``dispatches`` chunks, each waited for, as the
-  benchmark's loop waits for each (it logs every dispatch)."""
+  """Seconds per step over the run's first ``dispatches`` chunks, each waited
+  for, as the benchmark's loop waits for each (it logs every dispatch)."""
+  run["loop"] = jax.block_until_ready(jax.tree.map(jnp.copy, run["start"]))
   t0, active = time.perf_counter(), []
   for _ in range(dispatches):
     run["loop"], metrics = run["fn"](
@@ -67,12 +70,13 @@ def time_dispatches(run, dispatches: int) -> float:
 
 
 def main(model="reuters_mlp", repeats="21",
-         methods="uniform,default,no_scoring_pass", out=""):
+         methods="uniform,default,no_scoring_pass", out="", steps="1000"):
+  header = common.header(sys.argv)
   data_dir = common.data_dir()
   specs = methods.split(";") if ";" in methods else methods.split(",")
   names = [m.partition("=")[0] for m in specs]
   runs = {n: build(model, m, data_dir) for n, m in zip(names, specs)}
-  dispatches = max(1, 500 // runs[names[0]]["k"])
+  dispatches = max(1, int(steps) // runs[names[0]]["k"])
   times = {m: [] for m in names}
   for r in range(int(repeats) + 1):
     for m in names if r % 2 else names[::-1]:
@@ -94,7 +98,7 @@ def main(model="reuters_mlp", repeats="21",
           f"[{rows[m]['ratio_min']:.3f}-{rows[m]['ratio_max']:.3f}], "
           f"IS active {rows[m]['active_fraction']:.3f}")
   if out:
-    common.write_json({**common.header(sys.argv), "model": model,
+    common.write_json({**header, "model": model, "steps": int(steps),
                        "repeats": int(repeats), "rows": rows,
                        "times": times}, out)
 
