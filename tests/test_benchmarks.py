@@ -370,6 +370,47 @@ def _fake_run(method, seed, losses, accs, ms=5.0, active=0.0):
           "train_lines": lines}
 
 
+def test_repeats_pair_each_run_with_the_uniform_run_just_before(
+    monkeypatch, tmp_path):
+  """``repeats``: each seed's methods run again, uniform first; each method
+  trains for the seconds of the uniform run just before it (the machine's
+  speed changes between repeats), and every run counts in the summary."""
+  calls = []
+
+  def fake_run_one(config, workdir):
+    # The machine's speed changes from call to call: uniform's times differ.
+    r = _fake_run("x", config.seed, [2.0, 0.5, 0.1 + 0.01 * len(calls)],
+                  [0.1, 0.8, 0.9])
+    seconds = config.train_seconds or 4.0 + len(calls)
+    calls.append((os.path.basename(workdir), config.train_seconds))
+    return {**{k: v for k, v in r.items() if k not in ("method", "seed")},
+            "train_seconds": seconds}
+
+  monkeypatch.setattr(convergence, "run_one", fake_run_one)
+  out = str(tmp_path / "c.json")
+  r = convergence.run(models=["reuters_mlp"], methods=["uniform", "default"],
+                      seeds=2, repeats={"reuters_mlp": 2}, out=out,
+                      workdir=str(tmp_path), data_dir=str(tmp_path))
+  assert [c[0] for c in calls] == [
+      "uniform_s0_r0", "default_s0_r0", "uniform_s0_r1", "default_s0_r1",
+      "uniform_s1_r0", "default_s1_r0", "uniform_s1_r1", "default_s1_r1"]
+  # Uniform trains for its epochs (no seconds); default for uniform's time.
+  for (u_name, u_budget), (d_name, d_budget), i in zip(
+      calls[::2], calls[1::2], range(0, 8, 2)):
+    assert u_budget == 0.0 and d_budget == 4.0 + i
+  entry = _read(out)["models"]["reuters_mlp"]
+  assert entry["repeats"] == 2
+  assert [(x["seed"], x["repeat"]) for x in entry["runs"]
+          if x["method"] == "default"] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+  assert entry["summary"]["methods"]["default"]["train_loss"]["n"] == 4
+  assert "Reuters MLP 2×" in report._repeats(r)
+  assert report._repeats({"models": {"mnist_mlp": {"repeats": 1}}}) == ""
+  with pytest.raises(ValueError, match="repeats"):
+    convergence.run(models=["reuters_mlp"], methods=["uniform"], seeds=1,
+                    repeats={"reuters_mlp": 0}, out=out,
+                    workdir=str(tmp_path), data_dir=str(tmp_path))
+
+
 def test_each_run_is_read_at_its_own_seeds_budget():
   """Seed 0's runs end at 10 s, seed 1's at 20 s: each is read at its own
   budget, not at the median (15 s), where seed 0 would be past its end."""

@@ -529,7 +529,8 @@ def run(models: Sequence[str] = tuple(MODELS),
         data_dir: Optional[str] = None, first_seed: int = 0,
         extra_methods: Optional[Dict[str, Dict[str, object]]] = None,
         argv: Optional[Sequence[str]] = None,
-        merge: bool = False) -> Dict[str, object]:
+        merge: bool = False,
+        repeats: Optional[Dict[str, int]] = None) -> Dict[str, object]:
   """Runs the benchmark; writes and returns its JSON.
 
   ``budget_epochs``, ``budget_seconds`` and ``eval_points`` map model names
@@ -538,7 +539,12 @@ def run(models: Sequence[str] = tuple(MODELS),
   (name -> overrides) to :data:`METHODS`, e.g. for a sweep on seeds from
   ``first_seed``. ``merge``: keep the models of an earlier run in ``out``
   that this run does not measure (each model's ``run`` says which command,
-  date, code and load measured it; ``parts`` lists the runs).
+  date, code and load measured it; ``parts`` lists the runs). ``repeats``
+  maps models to a number of repeats of each seed (1 by default): the seed's
+  methods run again, uniform first, each repeat paired as one seed is, and
+  every run counts in the medians. Over a budget of a few seconds the
+  machine's drift between two runs is larger than the methods' difference;
+  repeats average it out.
   """
   all_methods = {**METHODS, **(extra_methods or {})}
   models = [ALIASES.get(m, m) for m in models]
@@ -552,7 +558,7 @@ def run(models: Sequence[str] = tuple(MODELS),
   if "uniform" not in methods:
     raise ValueError("methods must include uniform (the reference).")
   budget_epochs, budget_seconds = budget_epochs or {}, budget_seconds or {}
-  eval_points = eval_points or {}
+  eval_points, repeats = eval_points or {}, repeats or {}
   logging.set_verbosity(logging.WARNING)
   data_dir = data_dir or common.data_dir()
   if data_dir is None:
@@ -581,11 +587,17 @@ def run(models: Sequence[str] = tuple(MODELS),
     points = eval_points.get(model, QUICK_EVAL_POINTS if quick
                              else spec.eval_points)
     budget = budget_seconds.get(model, 0.0)
+    n_repeats = int(repeats.get(model, 1))
+    if n_repeats < 1:
+      raise ValueError(f"repeats for {model} must be >= 1; got {n_repeats}.")
     runs, fields, info = {m: [] for m in order}, {}, {}
     # Seed by seed, uniform first: the machine's speed drifts over minutes,
     # so each method trains right after the uniform run of its seed, for
     # that run's time (unless the budget is given in seconds).
-    for seed in range(first_seed, first_seed + seeds):
+    pairs = [(seed, rep) for seed in range(first_seed, first_seed + seeds)
+             for rep in range(n_repeats)]
+    for seed, rep in pairs:
+      tag = f"_r{rep}" if n_repeats > 1 else ""
       for method in order:
         by_epochs = method == "uniform" and not budget_seconds.get(model)
         if budget_seconds.get(model):
@@ -600,8 +612,10 @@ def run(models: Sequence[str] = tuple(MODELS),
             budget_seconds=seed_budget, eval_points=points,
             sampler=all_methods[method])
         fields[method] = sampler_fields(cfg)
-        r = run_one(cfg, os.path.join(workdir, model, f"{method}_s{seed}"))
-        r = {"method": method, "seed": seed, **r,
+        r = run_one(cfg, os.path.join(workdir, model,
+                                      f"{method}_s{seed}{tag}"))
+        r = {"method": method, "seed": seed,
+             **({"repeat": rep} if n_repeats > 1 else {}), **r,
              "budget_seconds": seed_budget or r["train_seconds"]}
         runs[method].append(r)
         last = r["curve"][-1]
@@ -609,7 +623,7 @@ def run(models: Sequence[str] = tuple(MODELS),
                 "steps_per_dispatch": int(cfg.steps_per_dispatch),
                 "steps_per_epoch": (last["step"] / last["epoch"]
                                     if last["epoch"] else None)}
-        print(f"[{model}] {method:<19} seed {seed}: {r['steps']:6d} steps in "
+        print(f"[{model}] {method:<19} seed {seed}{tag}: {r['steps']:6d} steps in "
               f"{r['train_seconds']:6.1f} s ({r['ms_per_step']:.1f} ms/step), "
               f"train loss {last['train_loss']:.4f}, test accuracy "
               f"{last['test_accuracy']:.2%}, IS active "
@@ -623,7 +637,7 @@ def run(models: Sequence[str] = tuple(MODELS),
         "budget_seconds": budget,
         "budget_epochs_uniform": (None if budget_seconds.get(model)
                                   else epochs),
-        "eval_points": points, **info,
+        "eval_points": points, "repeats": n_repeats, **info,
         "sampler_fields": fields,
         "summary": summary,
         "targets": model_targets(model, summary),
@@ -796,6 +810,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  "(overrides epochs)")
   p.add_argument("--eval_points", default=None,
                  help="evaluations over the budget, as --budget_epochs")
+  p.add_argument("--repeats", default=None,
+                 help="runs of each seed (uniform first, each paired as a "
+                 "seed is; all count in the medians), as --budget_epochs; "
+                 "for budgets of seconds, where the machine's drift between "
+                 "runs outweighs the methods' difference (default 1)")
   p.add_argument("--out", default=None)
   p.add_argument("--workdir", default=None,
                  help="the runs' workdirs (default runs/benchmarks/"
@@ -818,7 +837,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     else os.path.join(common.RESULTS_DIR, "convergence.json")),
       workdir=a.workdir, data_dir=a.data_dir, first_seed=a.first_seed,
       extra_methods=dict(_named_json(x) for x in a.add_method), argv=argv,
-      merge=a.merge)
+      merge=a.merge, repeats=per_model(a.repeats, models, int))
 
 
 if __name__ == "__main__":

@@ -156,6 +156,22 @@ def _s_per_epoch(ms: Optional[float], entry: Dict) -> str:
   return "" if ms is None or not spe else f"{ms * spe / 1e3:.3g}"
 
 
+def _repeats(r, short: bool = False) -> str:
+  """Which models ran each seed more than once (``--repeats``), or ""."""
+  rep = {e.get("title", k): e["repeats"] for k, e in r["models"].items()
+         if e.get("repeats", 1) > 1}
+  if not rep:
+    return ""
+  each = ", ".join(f"{t} {n}×" for t, n in rep.items())
+  if short:
+    return f"; each seed run {each}"
+  return (f" Each seed ran more than once on {each}: the seed's methods "
+          "again, uniform first, each repeat paired as a seed is, every run "
+          "counted in the medians and ranges (over budgets of a few seconds "
+          "the machine's drift between two runs outweighs the methods' "
+          "difference).")
+
+
 def _budget_rule(r) -> str:
   """How the runs of ``r`` got their budgets: paired by seed (runs that
   record their own ``budget_seconds``) or at one budget per model."""
@@ -320,7 +336,8 @@ def convergence_section(r: Dict, plots: str, rel: str) -> str:
           provenance(r),
           f"*Code:* jis {code.get('jis')}, {_commits(r, 40)}.\n",
           f"Methods: {methods}. {r['seeds']} seed(s) each (from seed "
-          f"{r['first_seed']}). {_budget_rule(r)} Training clock only "
+          f"{r['first_seed']}).{_repeats(r)} {_budget_rule(r)} Training "
+          "clock only "
           "(compilation, evaluation "
           "and logging excluded). Training loss: the whole training split in "
           "inference mode; values at the budget are median [min–max] over "
@@ -487,8 +504,8 @@ def readme_summary(in_dir: str = common.RESULTS_DIR,
     m = cv["machine"]
     lines.append(
         f"- **Convergence per second**, the original library's four examples "
-        f"(real data, {cv['seeds']} seed{'s' if cv['seeds'] != 1 else ''}, "
-        "uniform against jis's defaults at "
+        f"(real data, {cv['seeds']} seed{'s' if cv['seeds'] != 1 else ''}"
+        f"{_repeats(cv, short=True)}, uniform against jis's defaults at "
         f"equal training time; {m['cores']}-core {m['backend']}, "
         f"{cv['date'][:10]}, {_commits(cv, 7)}): medians "
         "over seeds at the budget (uniform's time for its epochs, paired "
