@@ -19,7 +19,10 @@ on the same seed for the seconds that uniform run took, and each run is read
 at its own budget. Run next to each other, the methods of a seed meet the
 same machine speed (a shared 2-core machine drifts by 2x over minutes);
 the model's budget is the median over seeds. ``--budget_seconds`` sets one
-budget in seconds for every run instead.
+budget in seconds for every run instead. ``--repeats=reuters_mlp=3`` runs
+each seed's methods three times, each repeat paired the same way: over a
+budget of a few seconds the drift between two runs outweighs the methods'
+difference, and every run counts in the medians.
 
   python -m experiments.benchmarks.convergence --quick    # smoke, ~2-3 min
   python -m experiments.benchmarks.convergence            # all four, ~1 h
@@ -520,6 +523,77 @@ def _merged(result: Dict[str, object], earlier: Dict[str, object],
           "command": " && ".join(p["command"] for p in parts)}
 
 
+class _Plan(NamedTuple):
+  """One model's budget: uniform's ``epochs`` (its time is the seed's
+  budget), or ``seconds`` for every run when given; ``points``
+  evaluations; ``repeats`` runs of each seed."""
+  model: str
+  epochs: float
+  seconds: float
+  points: int
+  repeats: int
+
+
+def _plan(model: str, quick: bool, budget_epochs, budget_seconds,
+          eval_points, repeats) -> _Plan:
+  spec = MODELS[model]
+  n = int((repeats or {}).get(model, 1))
+  if n < 1:
+    raise ValueError(f"repeats for {model} must be >= 1; got {n}.")
+  return _Plan(
+      model,
+      (budget_epochs or {}).get(model, QUICK_BUDGET_EPOCHS if quick
+                                else spec.budget_epochs),
+      (budget_seconds or {}).get(model, 0.0),
+      (eval_points or {}).get(model, QUICK_EVAL_POINTS if quick
+                              else spec.eval_points),
+      n)
+
+
+def _train_model(plan: _Plan, methods, seeds, data_dir: str, quick: bool,
+                 workdir: str):
+  """Every run of one model: ``(runs by method, sampler fields by method,
+  the model's batch facts)``. ``methods``: ``(name, overrides)`` pairs,
+  uniform first.
+
+  Seed by seed (and repeat by repeat), uniform first: the machine's speed
+  drifts over minutes, so each method trains right after the uniform run
+  of its seed, for that run's time (unless the budget is in seconds).
+  """
+  runs = {name: [] for name, _ in methods}
+  fields, info = {}, {}
+  for seed in seeds:
+    for rep in range(plan.repeats):
+      tag = f"_r{rep}" if plan.repeats > 1 else ""
+      for name, overrides in methods:
+        by_epochs = name == "uniform" and not plan.seconds
+        budget = (plan.seconds or
+                  (0.0 if by_epochs else runs["uniform"][-1]["train_seconds"]))
+        cfg = make_config(plan.model, name, seed, data_dir, quick,
+                          budget_epochs=plan.epochs if by_epochs else 0.0,
+                          budget_seconds=budget, eval_points=plan.points,
+                          sampler=overrides)
+        fields[name] = sampler_fields(cfg)
+        r = run_one(cfg, os.path.join(workdir, plan.model,
+                                      f"{name}_s{seed}{tag}"))
+        r = {"method": name, "seed": seed,
+             **({"repeat": rep} if plan.repeats > 1 else {}), **r,
+             # 0: this uniform run's time is the seed's budget.
+             "budget_seconds": budget or r["train_seconds"]}
+        runs[name].append(r)
+        last = r["curve"][-1]
+        info = {"batch_size": int(cfg.batch_size),
+                "steps_per_dispatch": int(cfg.steps_per_dispatch),
+                "steps_per_epoch": (last["step"] / last["epoch"]
+                                    if last["epoch"] else None)}
+        print(f"[{plan.model}] {name:<19} seed {seed}{tag}: {r['steps']:6d} "
+              f"steps in {r['train_seconds']:6.1f} s ({r['ms_per_step']:.1f} "
+              f"ms/step), train loss {last['train_loss']:.4f}, test accuracy "
+              f"{last['test_accuracy']:.2%}, IS active "
+              f"{r['is_active_fraction'] or 0:.2f}", flush=True)
+  return runs, fields, info
+
+
 def run(models: Sequence[str] = tuple(MODELS),
         methods: Sequence[str] = DEFAULT_METHODS, seeds: int = 3,
         budget_epochs: Optional[Dict[str, float]] = None,
@@ -557,8 +631,6 @@ def run(models: Sequence[str] = tuple(MODELS),
                      f"{', '.join(all_methods)} (or --add_method NAME=JSON).")
   if "uniform" not in methods:
     raise ValueError("methods must include uniform (the reference).")
-  budget_epochs, budget_seconds = budget_epochs or {}, budget_seconds or {}
-  eval_points, repeats = eval_points or {}, repeats or {}
   logging.set_verbosity(logging.WARNING)
   data_dir = data_dir or common.data_dir()
   if data_dir is None:
@@ -580,64 +652,22 @@ def run(models: Sequence[str] = tuple(MODELS),
     with open(out) as f:
       result = _merged(result, json.load(f), models)
   order = ["uniform"] + [m for m in methods if m != "uniform"]
-  for model in models:
-    spec = MODELS[model]
-    epochs = budget_epochs.get(model, QUICK_BUDGET_EPOCHS if quick
-                               else spec.budget_epochs)
-    points = eval_points.get(model, QUICK_EVAL_POINTS if quick
-                             else spec.eval_points)
-    budget = budget_seconds.get(model, 0.0)
-    n_repeats = int(repeats.get(model, 1))
-    if n_repeats < 1:
-      raise ValueError(f"repeats for {model} must be >= 1; got {n_repeats}.")
-    runs, fields, info = {m: [] for m in order}, {}, {}
-    # Seed by seed, uniform first: the machine's speed drifts over minutes,
-    # so each method trains right after the uniform run of its seed, for
-    # that run's time (unless the budget is given in seconds).
-    pairs = [(seed, rep) for seed in range(first_seed, first_seed + seeds)
-             for rep in range(n_repeats)]
-    for seed, rep in pairs:
-      tag = f"_r{rep}" if n_repeats > 1 else ""
-      for method in order:
-        by_epochs = method == "uniform" and not budget_seconds.get(model)
-        if budget_seconds.get(model):
-          seed_budget = budget
-        elif by_epochs:
-          seed_budget = 0.0   # this run's time is the seed's budget
-        else:
-          seed_budget = runs["uniform"][-1]["train_seconds"]
-        cfg = make_config(
-            model, method, seed, data_dir, quick,
-            budget_epochs=epochs if by_epochs else 0.0,
-            budget_seconds=seed_budget, eval_points=points,
-            sampler=all_methods[method])
-        fields[method] = sampler_fields(cfg)
-        r = run_one(cfg, os.path.join(workdir, model,
-                                      f"{method}_s{seed}{tag}"))
-        r = {"method": method, "seed": seed,
-             **({"repeat": rep} if n_repeats > 1 else {}), **r,
-             "budget_seconds": seed_budget or r["train_seconds"]}
-        runs[method].append(r)
-        last = r["curve"][-1]
-        info = {"batch_size": int(cfg.batch_size),
-                "steps_per_dispatch": int(cfg.steps_per_dispatch),
-                "steps_per_epoch": (last["step"] / last["epoch"]
-                                    if last["epoch"] else None)}
-        print(f"[{model}] {method:<19} seed {seed}{tag}: {r['steps']:6d} steps in "
-              f"{r['train_seconds']:6.1f} s ({r['ms_per_step']:.1f} ms/step), "
-              f"train loss {last['train_loss']:.4f}, test accuracy "
-              f"{last['test_accuracy']:.2%}, IS active "
-              f"{r['is_active_fraction'] or 0:.2f}", flush=True)
-    if not budget_seconds.get(model):
-      budget = statistics.median(r["train_seconds"] for r in runs["uniform"])
+  plans = {m: _plan(m, quick, budget_epochs, budget_seconds, eval_points,
+                    repeats) for m in models}   # checked before any training
+  for model, plan in plans.items():
+    runs, fields, info = _train_model(
+        plan, [(m, all_methods[m]) for m in order],
+        range(first_seed, first_seed + seeds), data_dir, quick, workdir)
+    budget = plan.seconds or statistics.median(
+        r["train_seconds"] for r in runs["uniform"])
     summary = summarize_model(runs, budget)
     result["models"][model] = {
-        "title": spec.title, "config": f"experiments/configs/{model}.py",
+        "title": MODELS[model].title,
+        "config": f"experiments/configs/{model}.py",
         "run": {**part, "load_end": common.load_average()},
         "budget_seconds": budget,
-        "budget_epochs_uniform": (None if budget_seconds.get(model)
-                                  else epochs),
-        "eval_points": points, "repeats": n_repeats, **info,
+        "budget_epochs_uniform": None if plan.seconds else plan.epochs,
+        "eval_points": plan.points, "repeats": plan.repeats, **info,
         "sampler_fields": fields,
         "summary": summary,
         "targets": model_targets(model, summary),
