@@ -377,6 +377,21 @@ def _source(config, parts: _Parts, position):
                         n_train / int(config.batch_size), prepare)
 
 
+def program(config, parts: _Parts, source, jis_state, sizes):
+  """``(loop, statistics, chunk_fns)``: the loop's carry and the
+  preprocessing statistics on the devices, and :func:`compile_chunks` for
+  each chunk size in ``sizes``. What the training loop runs (and what
+  ``experiments/benchmarks/probes/loop_cost.py`` times)."""
+  loop = jax.device_put(Loop(jis=jis_state, data=source.carry(),
+                             first_bad_step=jnp.int32(_NO_BAD_STEP)),
+                        parts.placement.replicated)
+  statistics = jax.device_put(parts.statistics, parts.placement.replicated)
+  return loop, statistics, compile_chunks(
+      loop, statistics, parts.aug_key, sizes, sampler=parts.sampler,
+      source=source, preprocess=parts.preprocess, placement=parts.placement,
+      unroll=bool(config.get("scan_unroll", False)))
+
+
 def _steps_per_dispatch(config) -> int:
   return max(1, int(config.steps_per_dispatch))
 
@@ -483,24 +498,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       workdir, jax.process_index() == 0,
       keep_until_step=start_step if resumed else None)
   source = _source(config, parts, position)
-  placement = parts.placement
-  loop = jax.device_put(Loop(jis=jis_state, data=source.carry(),
-                             first_bad_step=jnp.int32(_NO_BAD_STEP)),
-                        placement.replicated)
-  statistics = jax.device_put(parts.statistics, placement.replicated)
   dataset = parts.dataset
   evaluator = evaluation.Evaluator(
-      logits_fn, parts.preprocess, placement, config.eval_batch_size,
+      logits_fn, parts.preprocess, parts.placement, config.eval_batch_size,
       dataset.test, dataset.train, config.eval_train_examples,
       source.device_split)
   steps_per_epoch = len(dataset.train["label"]) / int(config.batch_size)
   schedule = cadence.Cadence(config, steps_per_epoch, train_seconds)
   t0 = time.perf_counter()
   sizes = schedule.chunk_sizes(start_step, _steps_per_dispatch(config))
-  chunk_fns = compile_chunks(
-      loop, statistics, parts.aug_key, sizes, sampler=parts.sampler,
-      source=source, preprocess=parts.preprocess, placement=placement,
-      unroll=bool(config.get("scan_unroll", False)))
+  loop, statistics, chunk_fns = program(config, parts, source, jis_state,
+                                        sizes)
   logging.info("Compiled the training program%s in %.1f s.",
                "s" if len(sizes) > 1 else "", time.perf_counter() - t0)
   hlo.warn_if_slow_on_cpu(chunk_fns[max(sizes)], max(sizes))

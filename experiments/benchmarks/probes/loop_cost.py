@@ -40,15 +40,8 @@ def build(model: str, method: str, data_dir: str):
   parts = train._build(config)  # pylint: disable=protected-access
   source = train._source(config, parts, None)  # pylint: disable=protected-access
   k = max(1, int(config.steps_per_dispatch))
-  loop = jax.device_put(
-      train.Loop(jis=parts.jis_state, data=source.carry(),
-                 first_bad_step=jnp.int32(train._NO_BAD_STEP)),  # pylint: disable=protected-access
-      parts.placement.replicated)
-  stats = jax.device_put(parts.statistics, parts.placement.replicated)
-  fn = train.compile_chunks(
-      loop, stats, parts.aug_key, [k], sampler=parts.sampler, source=source,
-      preprocess=parts.preprocess, placement=parts.placement,
-      unroll=bool(config.get("scan_unroll", False)))[k]
+  loop, stats, fns = train.program(config, parts, source, parts.jis_state, [k])
+  fn = fns[k]
   return {"fn": fn, "start": loop, "source": source, "stats": stats,
           "key": parts.aug_key, "k": k}
 
