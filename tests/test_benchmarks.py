@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import experiments_testing
+from experiments.benchmarks import common
 from experiments.benchmarks import convergence
 from experiments.benchmarks import report
 from experiments.benchmarks import scoring_scale
@@ -334,6 +335,10 @@ def test_convergence_quick_on_two_models(out_dir, tmp_path):
     assert methods["uniform"]["is_active_fraction"]["median"] == 0
     assert methods["uniform"]["max_weight"]["max"] is None
     runs = {x["method"]: x for x in entry["runs"]}
+    if common.cpu_steal() is not None:   # Linux: each run records its steal
+      for x in runs.values():
+        assert 0.0 <= x["steal_fraction"] <= 1.0
+      assert methods["default"]["steal_fraction"]["n"] == 1
     uniform = runs["uniform"]
     assert uniform["steps"] == 50 and uniform["curve"][-1]["epoch"] == 2.0
     # Evaluations at the start, after the dispatch (10 steps, 0.4 epoch)
@@ -529,6 +534,39 @@ def test_the_report_names_each_merged_run_its_commit_and_its_load():
   assert "Merged" not in report.provenance(single)
   assert report._commits({**merged, "parts": [second, second]}, 3) == (
       "commit 222")
+
+
+def test_steal_is_the_share_of_ticks_the_host_took():
+  assert common.steal_fraction((10, 1000), (40, 1200)) == pytest.approx(0.15)
+  assert common.steal_fraction(None, (40, 1200)) is None
+  assert common.steal_fraction((10, 1000), (10, 1000)) is None
+  now = common.cpu_steal()
+  if now is not None:
+    assert 0 <= now[0] <= now[1]
+
+
+def test_the_json_names_a_probe_by_its_script_and_a_benchmark_by_its_module():
+  probe = common.header(["/x/experiments/benchmarks/probes/loop_cost.py", "a"])
+  assert probe["command"] == "python experiments/benchmarks/probes/loop_cost.py a"
+  bench = common.header(["/x/experiments/benchmarks/convergence.py", "--quick"])
+  assert bench["command"] == "python -m experiments.benchmarks.convergence --quick"
+
+
+def test_a_model_table_states_the_steal_its_runs_ran_under():
+  runs = {"uniform": [], "default": []}
+  for seed, steal in ((0, 0.01), (1, 0.30)):
+    for method in runs:
+      r = _fake_run(method, seed, [2.0, 0.5, 0.2], [0.1, 0.9, 0.95])
+      runs[method].append({**r, "steal_fraction": steal})
+  entry = {"summary": convergence.summarize_model(runs, 10.0),
+           "budget_seconds": 10.0}
+  text = convergence.render("mnist_mlp", entry)
+  assert "CPU steal (the host's share) 15.5% median, 30.0% in the worst run" in text
+  for r in runs.values():
+    for x in r:
+      del x["steal_fraction"]   # runs from before it was recorded: nothing said
+  entry["summary"] = convergence.summarize_model(runs, 10.0)
+  assert "steal" not in convergence.render("mnist_mlp", entry)
 
 
 def test_summarize_a_synthetic_model():

@@ -8,7 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -25,6 +25,30 @@ def load_average() -> List[float]:
     return [round(x, 2) for x in os.getloadavg()]
   except OSError:
     return []
+
+
+def cpu_steal() -> Optional[Tuple[int, int]]:
+  """``(steal, total)`` CPU ticks since boot (``/proc/stat``; None where
+  there is none). Steal is the time a virtual machine's host gave this
+  machine's ready CPUs to something else: a run that times itself on the
+  wall clock loses it, so the benchmarks record the share it took."""
+  try:
+    with open("/proc/stat") as f:
+      fields = f.readline().split()
+    ticks = [int(x) for x in fields[1:9]]
+  except (OSError, ValueError):
+    return None
+  if fields[0] != "cpu" or len(ticks) < 8:
+    return None
+  return ticks[7], sum(ticks)
+
+
+def steal_fraction(start: Optional[Tuple[int, int]],
+                   end: Optional[Tuple[int, int]]) -> Optional[float]:
+  """The share of CPU time stolen between two :func:`cpu_steal` readings."""
+  if start is None or end is None or end[1] <= start[1]:
+    return None
+  return (end[0] - start[0]) / (end[1] - start[1])
 
 
 def machine() -> Dict[str, object]:
@@ -63,7 +87,7 @@ def header(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
   argv = list(sys.argv if argv is None else argv)
   return {
       "machine": machine(),
-      "command": " ".join(["python -m", _module_of(argv[0])] + argv[1:]),
+      "command": " ".join(_launcher(argv[0]) + argv[1:]),
       "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
       "code": code_version(),
       "load_start": load_average(),
@@ -88,9 +112,14 @@ def code_version() -> Dict[str, object]:
           "dirty": None if status is None else bool(status)}
 
 
-def _module_of(path: str) -> str:
+def _launcher(path: str) -> List[str]:
+  """How the benchmark was started: ``python -m experiments.benchmarks.X``,
+  or ``python <path>`` for a probe (a script, not a module)."""
+  if os.path.basename(os.path.dirname(os.path.abspath(path))) == "probes":
+    return ["python", os.path.join("experiments", "benchmarks", "probes",
+                                   os.path.basename(path))]
   name = os.path.splitext(os.path.basename(path))[0]
-  return f"experiments.benchmarks.{name}"
+  return ["python -m", f"experiments.benchmarks.{name}"]
 
 
 def write_json(result: Dict[str, object], path: str) -> str:

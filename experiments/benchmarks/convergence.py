@@ -286,9 +286,10 @@ def run_one(config, workdir: str) -> Dict[str, object]:
   from experiments import train  # pylint: disable=g-import-not-at-top
   if os.path.exists(workdir):
     shutil.rmtree(workdir)   # a leftover checkpoint would resume
-  t0 = time.perf_counter()
+  t0, steal = time.perf_counter(), common.cpu_steal()
   result = train.train_and_evaluate(config, workdir)
   wall = time.perf_counter() - t0
+  steal = common.steal_fraction(steal, common.cpu_steal())
   records = metric_writer.read_metrics(workdir)
   curve = [{"t": r["train_seconds"], "step": r["step"], "epoch": r["epoch"],
             "train_loss": r["eval/train_loss"],
@@ -304,7 +305,7 @@ def run_one(config, workdir: str) -> Dict[str, object]:
   shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
   steps = int(result.step)
   return {"steps": steps, "train_seconds": result.train_seconds,
-          "wall_seconds": wall,
+          "wall_seconds": wall, "steal_fraction": steal,
           "ms_per_step": 1e3 * result.train_seconds / max(steps, 1),
           **train_line_stats(lines), "spikes": spikes(curve),
           "curve": curve, "train_lines": lines}
@@ -409,6 +410,8 @@ def summarize_model(runs: Dict[str, List[Dict[str, object]]],
         "steps": stats([r["steps"] for r in seeds]),
         "ms_per_step": stats([r["ms_per_step"] for r in seeds]),
         "is_active_fraction": stats([r["is_active_fraction"] for r in seeds]),
+        # The CPU time the virtual machine's host took during the runs.
+        "steal_fraction": stats([r.get("steal_fraction") for r in seeds]),
         # Over the importance steps: the largest of any seed, and the
         # median over seeds of each run's mean.
         "max_weight": {
@@ -744,8 +747,22 @@ def render(model: str, entry: Dict[str, object]) -> str:
           f"{fmt_seconds(entry['budget_seconds'])} of training"
           f"{f' (uniform, {epochs:g} epochs)' if epochs else ''}; uniform's "
           f"final train loss {s['uniform_final_train_loss']:.4f}, test "
-          f"accuracy {s['uniform_final_test_accuracy']:.2%}\n\n"
+          f"accuracy {s['uniform_final_test_accuracy']:.2%}"
+          f"{fmt_steal(s['methods'].values())}\n\n"
           + common.table(rows, list(rows[0])))
+
+
+def fmt_steal(methods) -> str:
+  """The CPU time the virtual machine's host took during the model's runs
+  (``"; CPU steal ..."``), or "" where it was not recorded."""
+  steal = [m.get("steal_fraction") or {} for m in methods]
+  worst = [x["max"] for x in steal if x.get("max") is not None]
+  if not worst:
+    return ""
+  median = statistics.median(x["median"] for x in steal
+                             if x.get("median") is not None)
+  return (f"; CPU steal (the host's share) {median:.1%} median, "
+          f"{max(worst):.1%} in the worst run")
 
 
 def _met(x: Optional[bool]) -> str:

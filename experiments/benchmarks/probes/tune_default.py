@@ -8,7 +8,10 @@ Every method trains for the same number of cost units and is evaluated on
 the whole training split (inference mode) and the test split at fixed cost
 points. A method is a JSON object of ``jis.importance_step`` options, with
 jis objects written as in ``config.sampler`` (``"policy":
-"importance_sampling(max_weight=10.0)"``).
+"importance_sampling(max_weight=10.0)"``). Two options are the probe's
+own: ``"_cost"``, the method's cost per importance step, and ``"_lr_steps"``,
+which decays the learning rate to 0 over that many steps (optax's cosine
+schedule; pass each method's own step count at the budget).
 
   python experiments/benchmarks/probes/tune_default.py --model=mlp \
       --seeds=10,11,12 --epochs=10 \
@@ -65,6 +68,9 @@ class Runner:
   """Builds the programs of one (model, method, seed)."""
 
   def __init__(self, config, dataset, options, seed, chunk):
+    if "_lr_steps" in options:   # cosine decay to 0 over this many steps
+      config = config.copy_and_resolve_references()
+      config.lr_schedule, config.num_steps = "cosine", options["_lr_steps"]
     self.config, self.dataset = config, dataset
     b = int(config.batch_size)
     self.n = len(dataset.train["label"])
