@@ -35,10 +35,10 @@ def cpu_steal() -> Optional[Tuple[int, int]]:
   try:
     with open("/proc/stat") as f:
       fields = f.readline().split()
+    if len(fields) < 9 or fields[0] != "cpu":
+      return None
     ticks = [int(x) for x in fields[1:9]]
   except (OSError, ValueError):
-    return None
-  if fields[0] != "cpu" or len(ticks) < 8:
     return None
   return ticks[7], sum(ticks)
 

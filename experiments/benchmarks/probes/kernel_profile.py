@@ -23,7 +23,6 @@ import sys
 import tempfile
 
 import jax
-from jax._src.lib import _profile_data  # the trace reader jax ships
 
 from experiments.benchmarks import common
 
@@ -38,7 +37,7 @@ def kernels(trace_dir: str) -> dict:
   path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"),
                    recursive=True)[0]
   out = collections.defaultdict(lambda: [0, 0])
-  for plane in _profile_data.ProfileData.from_file(path).planes:
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
     for line in plane.lines:
       if not line.name.startswith("tf_XLAEigen"):
         continue
