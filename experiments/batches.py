@@ -59,8 +59,8 @@ class OnDevice:
   With ``prepare`` (a deterministic preprocessing of the whole split, run
   once here), a step's presample is a ``jis.Indexed`` into the prepared
   split: jis then gathers only the rows it uses (the ``b`` trained on a
-  uniform step), and ``stale_scores(lookahead=True)`` can read the rows
-  the previous step drew.
+  uniform step), and ``stale_scores``' lookahead (on by default with
+  ``jis.Indexed``) can read the rows the previous step drew.
   """
 
   kind = "device"

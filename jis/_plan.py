@@ -264,13 +264,14 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
   condition, threshold = _condition(condition, tau_threshold, budget,
                                     score_table, big_b, b)
   static_active = _static_active(condition, score_, threshold)
-  if score_table is not None and score_table.lookahead and not (
+  if score_table is not None and score_table.lookahead is True and not (
       static_active is True and placement.layout.mesh is None):
     raise ValueError(
         "stale_scores(lookahead=True) trains on the previous step's draw, so "
         "every step must resample (condition=jis.always(), the default with "
         "a score table) on one device (mesh=None, where jis.Indexed "
-        "presamples run). Pass lookahead=False.")
+        "presamples run). Leave lookahead at None (on where it can run) or "
+        "pass False.")
   return Plan(
       batch_size=b, presample_size=big_b, loss=loss_, score=score_,
       labels=labels_getter(labels), mask=mask_fn,
@@ -286,6 +287,11 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
 
 
 def may_look_ahead(plan: Plan) -> bool:
-  """Whether a step trains on the previous step's draw (``make`` checked
-  that every step resamples, on one device)."""
-  return plan.table is not None and plan.table.lookahead
+  """Whether a step may train on the previous step's draw: a score table
+  whose ``lookahead`` is not False, every step resampling, on one device
+  (``make`` refused ``lookahead=True`` otherwise). The state then carries
+  the pending draw; a step looks ahead when its presample is
+  :class:`jis.Indexed`."""
+  return (plan.table is not None and plan.table.lookahead is not False
+          and plan.static_active is True
+          and plan.placement.layout.mesh is None)

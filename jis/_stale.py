@@ -56,7 +56,7 @@ class ScoreTable(NamedTuple):
     write: ``(table, indices [n], scores [n], step) -> table``.
     num_examples: ``N``, the table's size.
     lookahead: whether a step trains on the draw the previous step made
-      (:func:`stale_scores`).
+      (:func:`stale_scores`): True, False, or None where it can.
   """
   init: Callable[[], TableState]
   index: Callable[[PyTree], Array]
@@ -64,7 +64,7 @@ class ScoreTable(NamedTuple):
   lookup: Callable[[TableState, Array, Array], tuple]
   write: Callable[[TableState, Array, Array, Array], TableState]
   num_examples: int = 0
-  lookahead: bool = False
+  lookahead: Optional[bool] = None
 
 
 class Pending(NamedTuple):
@@ -108,7 +108,7 @@ def _index_getter(index_key):
 def stale_scores(num_examples: int, *, refresh_every: int = 0,
                  refresh_steps: int = 1, max_age: Optional[int] = None,
                  index_key: Union[str, Callable[[PyTree], Array]] = "index",
-                 lookahead: bool = False) -> ScoreTable:
+                 lookahead: Optional[bool] = None) -> ScoreTable:
   """Scores the presample from a table of every example's latest score.
 
   Pass it as ``jis.importance_step(..., score_table=jis.stale_scores(N))``.
@@ -121,14 +121,15 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
       ... transforms, policy, train_step on the selected b, as usual ...
       table[index[selected]] = score(trained examples)   # refresh them
 
-  **Lookahead** (``lookahead=True``, for a :class:`jis.Indexed` presample
-  and a step that always resamples, on one device). A step trains on the
-  ``b`` rows (and weights) the *previous* step drew from its presample, and
-  draws from its own presample the rows the next step trains on (the first
-  step trains on the first ``b`` rows of its presample, weight 1). The draw
-  then comes after the training instead of before it: the rows of a step
-  no longer wait for the table lookup, the policy and the gather that
-  follows them, which cost a 5 ms MLP step about 15 % on a 2-core CPU. The
+  **Lookahead** (by default wherever it can run: a :class:`jis.Indexed`
+  presample and a step that always resamples, on one device). A step trains
+  on the ``b`` rows (and weights) the *previous* step drew from its
+  presample, and draws from its own presample the rows the next step trains
+  on (the first step trains on the first ``b`` rows of its presample,
+  weight 1). The draw then comes after the training instead of before it:
+  the rows of a step no longer wait for the table lookup, the policy and
+  the gather that follows them, which cost a 5 ms MLP step about 15 % on a
+  2-core CPU. The
   step writes the trained rows' scores first and then looks up its
   presample, so the draw reads the scores just written and XLA updates the
   table in place. The update stays unbiased: the rows were drawn from a
@@ -170,10 +171,11 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
       (like the original ``CacheSampler``'s ``staleness``).
     index_key: the batch key holding the dataset indices, or a callable
       ``batch -> [B]``; ignored for :class:`jis.Indexed` presamples.
-    lookahead: train on the previous step's draw (above). It needs a
-      :class:`jis.Indexed` presample, a step that always resamples (the
-      default condition with a table) and one device; anything else is an
-      error that says so.
+    lookahead: train on the previous step's draw (above). None (default):
+      wherever it can, that is with a :class:`jis.Indexed` presample, a step
+      that always resamples (the default condition with a table) and one
+      device; each step trains on its own draw otherwise. True: always, and
+      anything else is an error that says so. False: never.
 
   Returns:
     A :class:`ScoreTable`. The step adds ``is/fresh`` (1 when it scored its
@@ -206,9 +208,9 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   if not (isinstance(index_key, str) or callable(index_key)):
     raise TypeError("stale_scores(index_key) must be a batch key or a callable "
                     f"batch -> indices; got {type(index_key).__name__}.")
-  if lookahead not in (True, False):
-    raise TypeError("stale_scores(lookahead) must be True or False; got "
-                    f"{lookahead!r}.")
+  if lookahead not in (None, True, False):
+    raise TypeError("stale_scores(lookahead) must be None (where it can), "
+                    f"True or False; got {lookahead!r}.")
   def init():
     return TableState(jnp.ones((n,), jnp.float32), jnp.full((n,), -1, jnp.int32))
 

@@ -509,11 +509,13 @@ def _looks_ahead(plan, batch) -> bool:
   if not _plan.may_look_ahead(plan):
     return False
   if not isinstance(batch, _indexed.Indexed):
+    if plan.table.lookahead is None:   # where it can: not on arrays
+      return False
     raise ValueError(
         "stale_scores(lookahead=True) trains on the rows the previous step "
         "drew, which it reads from the dataset: pass the presample as "
-        "jis.Indexed(dataset, indices), or lookahead=False for a presample "
-        "of arrays.")
+        "jis.Indexed(dataset, indices), or leave lookahead at None (a "
+        "presample of arrays then trains on its own draw).")
   return True
 
 

@@ -61,13 +61,14 @@ def _numpy_upper_bound(params, data, idx):
 
 def _sampler(table=None, train_step=_train_step, **kw):
   # The table of upper-bound scores and the categorical draw from them (the
-  # stale mode's defaults, loss scores and InfoBatch, are in test_pruning.py).
+  # stale mode's defaults, loss scores and InfoBatch, are in test_pruning.py),
+  # each step training on its own draw unless a test asks for lookahead.
   kw.setdefault("tau_threshold", 0.0)
   kw.setdefault("score", "upper_bound")
   kw.setdefault("policy", jis.importance_sampling())
-  return jis.importance_step(train_step, _logits, batch_size=B,
-                             presample=BIG_B / B,
-                             score_table=table or jis.stale_scores(N), **kw)
+  return jis.importance_step(
+      train_step, _logits, batch_size=B, presample=BIG_B / B,
+      score_table=table or jis.stale_scores(N, lookahead=False), **kw)
 
 
 # ---------------------------------------------------------------- the table
@@ -213,7 +214,7 @@ def test_selection_follows_the_stale_scores():
 
 def test_a_dict_batch_with_indices_equals_an_indexed_presample():
   data, params = _dataset(), _params()
-  sampler = _sampler(jis.stale_scores(N, refresh_every=2))
+  sampler = _sampler(jis.stale_scores(N, refresh_every=2, lookahead=False))
   step = jax.jit(sampler.step)
   a = b = sampler.init(params, jax.random.key(0))
   for t in range(4):
@@ -259,8 +260,10 @@ def test_whole_dataset_presample_is_the_history_sampler():
   for _ in range(4):
     state, metrics = step(state, jis.Indexed(data, jnp.arange(N)))
     unscored.append(float(metrics["is/unscored"]))
-  assert unscored[0] == 1.0 and unscored[-1] < 1.0
-  assert unscored == sorted(unscored, reverse=True)
+  # Lookahead (the default with jis.Indexed): step 0 trains on the first 5
+  # rows and writes their scores before it looks up the whole dataset.
+  assert unscored[0] == pytest.approx(1.0 - 5 / N)
+  assert unscored == sorted(unscored, reverse=True) and unscored[-1] < unscored[0]
 
 
 def test_missing_index_is_reported_with_the_fix():
@@ -476,6 +479,37 @@ def test_lookahead_resumes_bit_exact_from_a_saved_state():
     np.testing.assert_array_equal(a, b)
 
 
+def test_lookahead_by_default_wherever_it_can_run():
+  data, params = _dataset(), _params()
+  runs = {}
+  for name, lookahead in (("default", None), ("on", True), ("off", False)):
+    sampler = _sampler(jis.stale_scores(N, lookahead=lookahead),
+                       train_step=_weighted_train_step)
+    step = jax.jit(sampler.step)
+    for form in ("indexed", "arrays"):
+      if form == "arrays" and lookahead:
+        continue   # lookahead=True refuses arrays (below)
+      state = sampler.init(params, jax.random.key(3))
+      for t in range(3):
+        idx = _indices(t)
+        batch = (jis.Indexed(data, idx) if form == "indexed"
+                 else jax.tree.map(lambda x, i=idx: x[i], data))
+        state, metrics = step(state, batch)
+      runs[name, form] = (state, metrics["trained"])
+  # A jis.Indexed presample looks ahead; arrays train on their own draw.
+  for form, same in (("indexed", "on"), ("arrays", "off")):
+    np.testing.assert_array_equal(runs["default", form][1], runs[same, form][1])
+    np.testing.assert_allclose(runs["default", form][0].inner,
+                               runs[same, form][0].inner, rtol=1e-6)
+  assert not np.array_equal(runs["on", "indexed"][1], runs["off", "indexed"][1])
+  # Where a step may not resample, no lookahead and no pending draw: no error.
+  sampler = _sampler(jis.stale_scores(N), tau_threshold=None,
+                     condition=jis.warmup(2))
+  state = sampler.init(params, jax.random.key(0))
+  assert state.pending == ()
+  sampler.step(state, jis.Indexed(data, _indices(0)))
+
+
 def test_lookahead_refuses_what_it_cannot_do():
   data, params = _dataset(), _params()
   ahead = jis.stale_scores(N, lookahead=True)
@@ -485,5 +519,5 @@ def test_lookahead_refuses_what_it_cannot_do():
     sampler.step(sampler.init(params, jax.random.key(0)), batch)
   with pytest.raises(ValueError, match=r"every step must resample"):
     _sampler(ahead, tau_threshold=None, condition=jis.warmup(2))
-  with pytest.raises(TypeError, match=r"lookahead\) must be True or False"):
-    jis.stale_scores(N, lookahead=None)
+  with pytest.raises(TypeError, match=r"lookahead\) must be None"):
+    jis.stale_scores(N, lookahead="yes")

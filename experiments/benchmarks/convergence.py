@@ -103,11 +103,13 @@ METHODS = {
                            "condition": "always", "forward_batch_size": 256},
     # The categorical draw from stale upper-bound scores (the baseline the
     # no-scoring-pass mode had to beat).
-    "stale_scores": {"score": "upper_bound", "score_table": "stale_scores",
+    "stale_scores": {"score": "upper_bound",
+                     "score_table": "stale_scores(lookahead=False)",
                      "policy": "importance_sampling()"},
     # The no-scoring-pass mode at its defaults (losses, InfoBatch): a score
     # table and nothing else; presample 1.5 reads a half batch more rows.
-    "no_scoring_pass_plain": {"score_table": "stale_scores", "presample": 1.5},
+    "no_scoring_pass_plain": {"score_table": "stale_scores(lookahead=False)",
+                              "presample": 1.5},
     # The same, each step training on the previous step's draw (the split is
     # on the device and preprocessed once, so presamples are jis.Indexed):
     # its rows no longer wait for the table lookup and the draw.

@@ -2,11 +2,12 @@
 
 Times, interleaved in one process, K steps in one ``lax.scan`` of: the
 experiments' unwrapped ``train_step`` on b rows; jis with ``score="uniform"``;
-jis with a score table at its defaults (losses from the step's
-``"is/logits"``, ``jis.infobatch``) on presamples of ``presample · b`` rows
-given as ``jis.Indexed`` into the training set on device; and the same with
-``stale_scores(n, lookahead=True)`` (each step trains on the previous
-step's draw). Usage:
+jis with a score table (losses from the step's ``"is/logits"``,
+``jis.infobatch``) on presamples of ``presample · b`` rows given as
+``jis.Indexed`` into the training set on device, each step training on its
+own draw (``stale_scores(n, lookahead=False)``); and the same with
+``lookahead=True`` (each step trains on the previous step's draw, the
+default with ``jis.Indexed``). Usage:
 
   python experiments/benchmarks/probes/no_scoring_cost.py mlp 128 1.5 15
 
@@ -71,7 +72,7 @@ uniform = jis.importance_step(train.train_step, None, batch_size=b,
                               presample=1.0, score="uniform")
 table = jis.importance_step(train.train_step, None, batch_size=b,
                             presample=presample,
-                            score_table=jis.stale_scores(n))
+                            score_table=jis.stale_scores(n, lookahead=False))
 fns = {
     "t_u": (scanned(plain, lambda d, i: rows(d, i, b)), state),
     "uniform": (scanned(uniform.step, lambda d, i: rows(d, i, b)),
@@ -136,7 +137,7 @@ def lookup_only(table, indices, step):
 fns["lookahead"] = no_scoring_pass(jis.stale_scores(n, lookahead=True))
 
 if ablate:
-  full = jis.stale_scores(n)
+  full = jis.stale_scores(n, lookahead=False)
   no_write = lambda table, indices, scores, step: table
   fns["on_arrays"] = no_scoring_pass(full, lambda d, i: rows(d, i, big_b))
   for name, select in (("first_b", first_b), ("shifted", shifted),
