@@ -62,6 +62,23 @@ def time_dispatches(run, dispatches: int) -> float:
   return seconds
 
 
+def time_rounds(runs, dispatches: int, rounds: int):
+  """``(seconds per step by run, round by round; each round's CPU steal)``:
+  every round times each run on its first ``dispatches`` chunks, in an
+  order that alternates between rounds; a first round warms up, uncounted."""
+  names = list(runs)
+  times, steal = {m: [] for m in names}, []
+  for r in range(rounds + 1):
+    start = common.cpu_steal()
+    took = {m: time_dispatches(runs[m], dispatches)
+            for m in (names if r % 2 else names[::-1])}
+    if r:
+      steal.append(common.steal_fraction(start, common.cpu_steal()))
+      for m in names:
+        times[m].append(took[m])
+  return times, steal
+
+
 def main(model="reuters_mlp", repeats="21",
          methods="uniform,default,no_scoring_pass", out="", steps="1000"):
   header = common.header(sys.argv)
@@ -70,12 +87,7 @@ def main(model="reuters_mlp", repeats="21",
   names = [m.partition("=")[0] for m in specs]
   runs = {n: build(model, m, data_dir) for n, m in zip(names, specs)}
   dispatches = max(1, int(steps) // runs[names[0]]["k"])
-  times = {m: [] for m in names}
-  for r in range(int(repeats) + 1):
-    for m in names if r % 2 else names[::-1]:
-      t = time_dispatches(runs[m], dispatches)
-      if r:   # the first round warms up
-        times[m].append(t)
+  times, steal = time_rounds(runs, dispatches, int(repeats))
   base = times["uniform"]
   rows = {}
   print(f"{model}: {dispatches} dispatches of {runs[names[0]]['k']} steps a "
@@ -93,7 +105,7 @@ def main(model="reuters_mlp", repeats="21",
   if out:
     common.write_json({**header, "model": model, "steps": int(steps),
                        "repeats": int(repeats), "rows": rows,
-                       "times": times}, out)
+                       "times": times, "steal": steal}, out)
 
 
 if __name__ == "__main__":

@@ -106,22 +106,12 @@ def main(model="reuters_mlp", rounds="40", steps="250",
               if "plain" in pieces else "no_scoring_pass")
     runs[name] = loop_cost.build(model, method, data_dir)
   _patch([])
-  names = list(runs)
   dispatches = max(1, int(steps) // runs["uniform"]["k"])
-  times = {m: [] for m in names}
-  steal = []
-  for r in range(int(rounds) + 1):
-    start = common.cpu_steal()
-    took = {m: loop_cost.time_dispatches(runs[m], dispatches)
-            for m in (names if r % 2 else names[::-1])}
-    if r:   # the first round warms up
-      steal.append(common.steal_fraction(start, common.cpu_steal()) or 0.0)
-      for m in names:
-        times[m].append(took[m])
-  calm = [i for i, s in enumerate(steal) if s < 0.02]
+  times, steal = loop_cost.time_rounds(runs, dispatches, int(rounds))
+  calm = [i for i, s in enumerate(steal) if (s or 0.0) < 0.02]
   rows = {}
   print(f"{model}: {len(calm)} of {rounds} rounds under 2 % steal")
-  for m in names:
+  for m in runs:
     ratios = [times[m][i] / times["uniform"][i] for i in calm]
     rows[m] = {"ms_per_step_min": 1e3 * min(times[m]),
                "min_over_uniform_min": min(times[m]) / min(times["uniform"]),
