@@ -352,3 +352,20 @@ def test_bad_construction_is_refused(kwargs, error, match):
             "batch_size": b, "rngs": nnx.Rngs(0), **kwargs}
   with pytest.raises(error, match=match):
     jis.nnx.ImportanceSampler(**kwargs)
+
+
+def test_a_score_table_looks_ahead_on_indexed_presamples():
+  # The state the sampler holds carries the pending draw, and each call
+  # trains on the rows the call before drew (stale_scores' default).
+  rows = presamples()
+  data = {k: jnp.concatenate([p[k] for p in rows]) for k in rows[0]}
+  sampler = sampler_for(score_table=jis.stale_scores(STEPS * B))
+  objs = objects()
+  for t in range(3):
+    metrics = sampled_step(sampler, *objs,
+                           jis.Indexed(data, jnp.arange(t * B, (t + 1) * B)))
+    assert float(metrics["is/active"]) == 1.0
+  pending = sampler.state.get_value().pending
+  assert bool(pending.ready) and pending.index.shape == (b,)
+  assert set(np.asarray(pending.index).tolist()) <= set(range(2 * B, 3 * B))
+  assert int(sampler.step[...]) == 3
