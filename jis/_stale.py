@@ -129,12 +129,12 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   weight 1). The draw then comes after the training instead of before it:
   the rows of a step no longer wait for the table lookup, the policy and
   the gather that follows them, which cost a 5 ms MLP step about 15 % on a
-  2-core CPU. The
-  step writes the trained rows' scores first and then looks up its
-  presample, so the draw reads the scores just written and XLA updates the
-  table in place. The update stays unbiased: the rows were drawn from a
-  uniform presample that the parameters they are trained at do not depend
-  on. The scores are stale either way; the draw is one step staler.
+  2-core CPU. The step writes the trained rows' scores first and then looks
+  up its presample, so the draw reads the scores just written and XLA
+  updates the table in place. The update stays unbiased: the rows were
+  drawn from a uniform presample that the parameters they are trained at do
+  not depend on. The scores are stale either way; the draw is one step
+  staler.
 
   The refreshed scores come from the logits the ``train_step`` hands back
   under ``"is/logits"`` (free: they are the train-mode logits of its forward
@@ -208,7 +208,7 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   if not (isinstance(index_key, str) or callable(index_key)):
     raise TypeError("stale_scores(index_key) must be a batch key or a callable "
                     f"batch -> indices; got {type(index_key).__name__}.")
-  if lookahead not in (None, True, False):
+  if not (lookahead is None or isinstance(lookahead, bool)):
     raise TypeError("stale_scores(lookahead) must be None (where it can), "
                     f"True or False; got {lookahead!r}.")
   def init():
