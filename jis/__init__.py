@@ -13,6 +13,7 @@ from jis._conditions import Condition
 from jis._conditions import never
 from jis._conditions import total_variation
 from jis._conditions import warmup
+from jis._conditions import FAR_PROBE_EVERY
 from jis._conditions import PROBE_EVERY
 from jis._conditions import when_total_variation
 from jis._conditions import when_variance_reduced

@@ -31,6 +31,10 @@ Array = jax.Array
 #: scoring a presample costs a training step, about 1 % of the time.
 PROBE_EVERY = 128
 
+#: The default condition's probe period while τ is under halfway to its
+#: threshold: about 0.25 % of the time where it never switches on.
+FAR_PROBE_EVERY = 4 * PROBE_EVERY
+
 
 class Condition(NamedTuple):
   """A switch condition (see the module docstring).
@@ -54,29 +58,34 @@ class Condition(NamedTuple):
   tau_momentum: Optional[float] = None
 
 
-def _is_probe(step: Array, probe_every: int) -> Array:
+def _is_probe(step: Array, probe_every) -> Array:
   # Steps probe_every - 1, 2 probe_every - 1, ...: not step 0, whose scores
   # come from the untrained model.
   return (jnp.asarray(step) % probe_every) == probe_every - 1
 
 
-def _check_probe_every(name: str, probe_every: int) -> int:
+def _check_probe_every(name: str, probe_every: int, prefix: str = "") -> int:
   return _validate.number(
-      f"{name}(probe_every)", probe_every, 1, integer=True,
+      f"{name}({prefix}probe_every)", probe_every, 1, integer=True,
       hint="It is the period of the importance steps that re-measure the "
            "scores while the condition is off.")
 
 
 def when_variance_reduced(threshold: Optional[float] = None,
                           momentum: Optional[float] = None, *,
-                          probe_every: int = PROBE_EVERY) -> Condition:
+                          probe_every: int = PROBE_EVERY,
+                          far_probe_every: Optional[int] = None) -> Condition:
   """Active when τ, jis's moving average of the variance reduction, exceeds
   ``threshold``.
 
   τ (``ImportanceState.tau``) averages :func:`jis.variance_reduction` of the
   presample scores of every importance step, ``τ ← m τ + (1 − m) τ_step``
   (the first measurement sets it). While τ is below the threshold, every
-  ``probe_every``-th step is an importance step that measures it again.
+  ``probe_every``-th step is an importance step that measures it again; while
+  a measured τ is below halfway to it, ``(1 + threshold) / 2``, every
+  ``far_probe_every``-th (τ rises over epochs, not steps: the default
+  condition probes 4 times less often there, and switches on at most
+  ``far_probe_every`` steps after τ passes halfway).
   ``threshold=None`` is :func:`jis.default_tau_threshold`, ``1 + 2B/(3b)``
   (eq. 29 of Katharopoulos & Fleuret (2018), ``(B + 3b) / (3b)``, with the
   scoring pass's cost counted twice); ``0.0`` resamples at every step;
@@ -88,6 +97,10 @@ def when_variance_reduced(threshold: Optional[float] = None,
       home of τ's momentum.
     probe_every: ``≥ 1``, the period of the measuring importance steps while
       the condition is off.
+    far_probe_every: their period while τ, once measured, is below
+      ``(1 + threshold) / 2``; None is ``probe_every``. The default
+      condition (``importance_step(tau_threshold=)``) passes
+      ``jis.FAR_PROBE_EVERY``, 512.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -100,6 +113,9 @@ def when_variance_reduced(threshold: Optional[float] = None,
     False
     >>> bool(cond.active(state, 127, jnp.float32(1.2)))  # below; a probe
     True
+    >>> far = jis.when_variance_reduced(threshold=3.0, far_probe_every=512)
+    >>> [bool(far.active(far.init(8, 4), t, jnp.float32(1.5))) for t in (127, 511)]
+    [False, True]
   """
   if threshold is not None:
     _validate.number("when_variance_reduced(threshold)", threshold, 0,
@@ -112,6 +128,8 @@ def when_variance_reduced(threshold: Optional[float] = None,
         "ImportanceState.tau; pass importance_step(tau_momentum=...).",
         DeprecationWarning, stacklevel=2)
   probe_every = _check_probe_every("when_variance_reduced", probe_every)
+  far_probe_every = probe_every if far_probe_every is None else (
+      _check_probe_every("when_variance_reduced", far_probe_every, "far_"))
 
   def init(presample_size, batch_size):
     th = (_variance.default_tau_threshold(presample_size, batch_size)
@@ -119,8 +137,13 @@ def when_variance_reduced(threshold: Optional[float] = None,
     return jnp.asarray(th, jnp.float32)
 
   def active(th, step, tau):
-    # A zero threshold means "always", including the first step (τ = 0).
-    return (tau > th) | (th == 0) | _is_probe(step, probe_every)
+    # A zero threshold means "always", including the first step (τ = 0,
+    # not yet measured: probed at the near period).
+    period = probe_every
+    if far_probe_every != probe_every:
+      far = (tau > 0) & (tau < 0.5 * (1.0 + th))
+      period = jnp.where(far, far_probe_every, probe_every)
+    return (tau > th) | (th == 0) | _is_probe(step, period)
 
   constant = {0: True, float("inf"): False}.get(threshold)
   return Condition(init, active, lambda th, scores, step: th, constant,

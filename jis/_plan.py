@@ -193,7 +193,8 @@ def _condition(condition, tau_threshold, budget, table, big_b: int, b: int):
     return _conditions.always(), None
   elif tau_threshold is None:
     tau_threshold = _variance.default_tau_threshold(big_b, b)
-  return _conditions.when_variance_reduced(tau_threshold), tau_threshold
+  return _conditions.when_variance_reduced(
+      tau_threshold, far_probe_every=_conditions.FAR_PROBE_EVERY), tau_threshold
 
 
 def _tau_momentum(tau_momentum, condition) -> float:

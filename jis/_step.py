@@ -621,7 +621,8 @@ def importance_step(
   τ is measured on importance steps only, always from ``logits_fn`` (inference
   mode) over the presample, so one estimator drives the switch. While the
   default condition is off, every 128th step is an importance step that
-  measures τ again (``jis.when_variance_reduced(probe_every=)``).
+  measures τ again, every 512th while τ is under halfway to the threshold
+  (``jis.when_variance_reduced(probe_every=, far_probe_every=)``).
 
   If the scores of a step are non-finite, negative or all zero, that step uses
   uniform scores instead and reports ``is/fallback = 1``.
@@ -670,7 +671,8 @@ def importance_step(
       :func:`jis.default_tau_threshold`, ``1 + 2B/(3b)`` (eq. 29 with the
       scoring pass counted twice; 3 at ``presample=3``); ``0.0`` always,
       ``float("inf")`` never. Shorthand for
-      ``condition=jis.when_variance_reduced(tau_threshold)``.
+      ``condition=jis.when_variance_reduced(tau_threshold,
+      far_probe_every=jis.FAR_PROBE_EVERY)``.
     tau_momentum: momentum of τ's moving average (``state.tau``); None is 0.9.
     score_transforms: transforms applied in order to the scores.
     policy: how to select ``b`` examples from the scores. None is

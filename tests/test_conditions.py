@@ -59,17 +59,21 @@ def _numpy_tau(s):
 
 
 def _simulate(statistic, threshold, momentum, score_rows, probe_every,
-              over_steps=False):
+              over_steps=False, far_probe_every=None):
   """The original library's EMA condition, measured as jis measures it: on
   the B presample scores of importance steps only (the first measurement
   sets the average), with a probing importance step every probe_every steps
-  while the condition is off. ``over_steps``: τ's average is over steps (a
-  measurement Δ steps after the last weighs 1 − m^Δ); the total-variation
-  condition's is over measurements."""
+  while the condition is off (every far_probe_every while a measured value
+  is under halfway to the threshold). ``over_steps``: τ's average is over
+  steps (a measurement Δ steps after the last weighs 1 − m^Δ); the
+  total-variation condition's is over measurements."""
   value, last, active = 0.0, None, []
   for t, s in enumerate(score_rows):
+    period = probe_every
+    if far_probe_every is not None and 0 < value < (1 + threshold) / 2:
+      period = far_probe_every
     on = (value > threshold or threshold == 0
-          or t % probe_every == probe_every - 1)
+          or t % period == period - 1)
     active.append(float(on))
     if on:
       keep = 0.0 if last is None else momentum ** (t - last if over_steps
@@ -123,6 +127,32 @@ def test_variance_reduction_switches_when_numpy_says(threshold, momentum):
       metrics["is/variance_reduction"],
       [_numpy_tau(s) if on else 1.0 for s, on in zip(rows, expected)],
       rtol=1e-5)
+
+
+def test_probes_thin_out_while_tau_is_under_halfway_to_the_threshold():
+  # τ ≈ 1 on the nearly uniform rows (under halfway, (1 + 4) / 2), then the
+  # skewed rows lift it over 4: probes every 5 steps while it is far, every 2
+  # before the first measurement and while it is near.
+  rng = np.random.default_rng(5)
+  rows = np.array([np.exp((4.0 if 12 <= t < 26 else 0.05)
+                          * rng.normal(size=BIG_B)) for t in range(32)])
+  active, _ = _run(jis.when_variance_reduced(4.0, probe_every=2,
+                                             far_probe_every=5),
+                   rows, tau_momentum=0.3)
+  expected = _simulate(_numpy_tau, 4.0, 0.3, rows, 2, True, far_probe_every=5)
+  near_only = _simulate(_numpy_tau, 4.0, 0.3, rows, 2, True)
+  assert expected.sum() < near_only.sum()     # fewer probes while far
+  assert expected[12:].sum() > 0              # and it still switches on
+  np.testing.assert_array_equal(active, expected)
+
+
+def test_the_default_condition_probes_four_times_less_while_tau_is_far():
+  rows = np.ones((3 * jis.FAR_PROBE_EVERY, BIG_B))   # τ = 1: far below 3
+  active, _ = _run(None, rows)
+  probes = np.flatnonzero(active)
+  np.testing.assert_array_equal(
+      probes, [jis.PROBE_EVERY - 1] + [k * jis.FAR_PROBE_EVERY - 1
+                                       for k in (1, 2, 3)])
 
 
 def test_total_variation_matches_numpy():
