@@ -79,13 +79,15 @@ def when_variance_reduced(threshold: Optional[float] = None,
   ``threshold``.
 
   τ (``ImportanceState.tau``) averages :func:`jis.variance_reduction` of the
-  presample scores of every importance step, ``τ ← m τ + (1 − m) τ_step``
-  (the first measurement sets it). While τ is below the threshold, every
-  ``probe_every``-th step is an importance step that measures it again; while
-  a measured τ is below halfway to it, ``(1 + threshold) / 2``, every
-  ``far_probe_every``-th (τ rises over epochs, not steps: the default
-  condition probes 4 times less often there, and switches on at most
-  ``far_probe_every`` steps after τ passes halfway).
+  presample scores of every importance step, ``τ ← m^Δ τ + (1 − m^Δ) τ_step``
+  for a measurement ``Δ`` steps after the previous one (the first sets it).
+  While τ is below the threshold, every ``probe_every``-th step is an
+  importance step that measures it again; while a measured τ is below
+  halfway to it, ``(1 + threshold) / 2``, every ``far_probe_every``-th. τ
+  rises over epochs, not steps: the default condition probes 4 times less
+  often while it is far, so a crossing of the threshold from there is
+  measured at most ``far_probe_every`` steps after it happens
+  (``probe_every`` once a measurement is past halfway).
   ``threshold=None`` is :func:`jis.default_tau_threshold`, ``1 + 2B/(3b)``
   (eq. 29 of Katharopoulos & Fleuret (2018), ``(B + 3b) / (3b)``, with the
   scoring pass's cost counted twice); ``0.0`` resamples at every step;
@@ -256,6 +258,6 @@ def with_tau(condition: Condition) -> Condition:
   warnings.warn(
       "condition.active(state, step) is deprecated: conditions now receive "
       "jis's τ too, active(state, step, tau).", DeprecationWarning,
-      stacklevel=4)
+      stacklevel=5)   # with_tau < _plan._condition < make < importance_step
   old = condition.active
   return condition._replace(active=lambda state, step, tau: old(state, step))

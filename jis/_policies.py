@@ -34,7 +34,9 @@ class Policy(NamedTuple):
     init: ``(presample_size, batch_size) -> state``.
     select: ``(key, scores [B], state, batch_size) -> Selection``; scores are
       finite and non-negative with a positive sum (jis falls back to uniform
-      scores before calling it otherwise).
+      scores before calling it otherwise). It may run at other sizes than the
+      ``init``'s: a ``budget``'s buckets, and ``B/d`` per device under
+      ``resample="local"``; keep the state's shapes independent of them.
     observe: ``(scores [n], state) -> state``, called on the uniform steps with
       the scores of the trained examples, for policies that keep statistics;
       None (the default) for those that do not. A policy that observes makes

@@ -94,7 +94,9 @@ def infobatch(prune: float = 0.5, anneal_step: Optional[int] = None
   low-score example weighs exactly ``1 / (1 − prune)`` times a high-score
   one (InfoBatch's ratio) unless the cap binds.
 
-  From step ``anneal_step`` on, every example is kept (``π = 1``): a uniform
+  From step ``anneal_step`` on (the policy's own count of its selections,
+  which is the step number under the mode's default, always-on
+  condition), every example is kept (``π = 1``): a uniform
   draw without replacement with weight 1, InfoBatch's annealing of the last
   part of training (it anneals the last 12.5 % of the epochs: pass
   ``anneal_step = int(0.875 · total_steps)``).

@@ -134,7 +134,9 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   updates the table in place. The update stays unbiased: the rows were
   drawn from a uniform presample that the parameters they are trained at do
   not depend on. The scores are stale either way; the draw is one step
-  staler.
+  staler. A lookahead step's ``is/ess``, ``is/max_weight`` and
+  ``is/score_mean`` describe the draw it made for the next step, not the
+  weights it trained with.
 
   The refreshed scores come from the logits the ``train_step`` hands back
   under ``"is/logits"`` (free: they are the train-mode logits of its forward

@@ -109,7 +109,7 @@ class _Own(NamedTuple):
 
 class _Draw(NamedTuple):
   """What a step's selection reports: scalars only."""
-  tau: Array          # variance reduction of its scores; 1 on uniform steps
+  variance_reduction: Array   # of its scores (this step's τ); 1 on uniform steps
   ess: Array
   max_weight: Array
   score_mean: Array   # mean raw presample score; 0 on uniform steps
@@ -126,6 +126,15 @@ class _Choice(NamedTuple):
   fresh: Array        # the presample was scored and written to the table
   tau: Array          # τ's moving average after this step
   tau_step: Array     # the step of its latest measurement
+
+
+class _Outcome(NamedTuple):
+  """A step's training and choice, before jis's state is put together."""
+  choice: _Choice
+  inner: PyTree       # the user's train state after the update
+  metrics: dict       # the user's metrics
+  own: _Own
+  pending: PyTree     # the draw the next step trains on (lookahead), or ()
 
 
 # ------------------------------------------------------------------ pieces
@@ -276,7 +285,7 @@ def _choose_importance(plan, model, state, batch, own, n_scored, n_train):
     replicated = lambda x: plan.placement.put(x, None)   # sorted whole
     extra = {**extra, **_diagnostics(replicated(sel.indices),
                                      replicated(sel.probs))}
-  draw = _Draw(tau=_variance.variance_reduction(scores),
+  draw = _Draw(variance_reduction=_variance.variance_reduction(scores),
                ess=jnp.square(jnp.sum(weights)) / jnp.sum(jnp.square(weights)),
                max_weight=jnp.max(weights), score_mean=jnp.mean(raw),
                fallback=fallback, extra=extra)
@@ -284,7 +293,7 @@ def _choose_importance(plan, model, state, batch, own, n_scored, n_train):
   return _Choice(sel.indices.astype(jnp.int32), weights,
                  _Own(condition, transforms, sel.state, table), draw,
                  jnp.asarray(fresh, jnp.bool_),
-                 *_moving_tau(plan, state, draw.tau))
+                 *_moving_tau(plan, state, draw.variance_reduction))
 
 
 def _choose_uniform(plan, state, own, n_train):
@@ -296,7 +305,8 @@ def _choose_uniform(plan, state, own, n_train):
   if plan.diagnostics:
     extra = {**extra, "is/selected_fraction_unique": jnp.ones(()),
              "is/entropy": jnp.log(jnp.float32(plan.presample_size))}
-  draw = _Draw(tau=jnp.ones((), jnp.float32), ess=jnp.float32(n_train),
+  draw = _Draw(variance_reduction=jnp.ones((), jnp.float32),
+               ess=jnp.float32(n_train),
                max_weight=jnp.ones((), jnp.float32), score_mean=zero,
                fallback=zero, extra=extra)
   weights = plan.placement.put(jnp.ones((n_train,), jnp.float32), 0)
@@ -334,7 +344,7 @@ def _trained_scores(plan, model, static, rows, before, logits):
   if logits is not None and not plan.score.per_parameter:
     return _scores_of(plan, model, None, rows, logits)
   if before is None:   # no logits_fn
-    raise ValueError(
+    raise ValueError(   # (a policy that observes needs logits_fn: _plan.make)
         "The score table keeps the trained examples' scores, and without a "
         "logits_fn they can only come from the train step: return its "
         f"logits under metrics[{LOGITS_KEY!r}], or pass logits_fn.")
@@ -399,8 +409,26 @@ def _train(plan, model, state, rows, weights, static, active, n_train):
                                          logits)
 
 
-def _lookahead(plan, model, state, batch, own, n_scored, n_train):
-  """A step that trains on the rows the previous step drew
+def _draw_then_train(plan, model, state, batch, own, active, static,
+                     n_scored, n_train):
+  """A step that chooses its rows from its own presample (importance
+  sampling or the first ``n_train``, as ``active`` says), trains on them and
+  records their scores where something keeps them."""
+  choice = _branch(
+      static, active,
+      lambda own: _choose_importance(plan, model, state, batch, own,
+                                     n_scored, n_train),
+      lambda own: _choose_uniform(plan, state, own, n_train), own)
+  rows = plan.placement.gather(batch, choice.positions)
+  inner, metrics, trained = _train(plan, model, state, rows, choice.weights,
+                                   static, active, n_train)
+  own = _record(plan, choice, static, active, batch, rows, trained,
+                state.step)
+  return _Outcome(choice, inner, metrics, own, state.pending)
+
+
+def _train_then_draw(plan, model, state, batch, own, n_scored, n_train):
+  """A lookahead step: it trains on the rows the previous step drew
   (``state.pending``; before the first, this presample's first ``n_train``
   rows with weight 1), writes their scores, and only then looks up and
   draws from its own presample the rows the next step trains on. The
@@ -408,19 +436,33 @@ def _lookahead(plan, model, state, batch, own, n_scored, n_train):
   written, and the table is updated in place (a write after the lookup
   that nothing orders makes XLA copy the whole table every step)."""
   ready = state.pending.ready
-  trained_at = jnp.where(ready, state.pending.index, batch.index[:n_train])
+  trained_index = jnp.where(ready, state.pending.index, batch.index[:n_train])
   weights = jnp.where(ready, state.pending.weights, 1.0)
   inner, metrics, trained = _train(
-      plan, model, state, _indexed.dataset_rows(batch, trained_at), weights,
-      True, True, n_train)
-  own = own._replace(table=plan.table.write(own.table, trained_at, trained,
+      plan, model, state, _indexed.dataset_rows(batch, trained_index), weights,
+      static=True, active=True, n_train=n_train)
+  own = own._replace(table=plan.table.write(own.table, trained_index, trained,
                                             state.step))
   choice = _choose_importance(plan, model, state, batch, own, n_scored,
                               n_train)
   pending = _stale.Pending(
       jnp.take(batch.index, choice.positions).astype(jnp.int32),
       choice.weights, jnp.asarray(True))
-  return choice, inner, metrics, pending
+  return _Outcome(choice, inner, metrics, choice.own, pending)
+
+
+def _step_metrics(out: _Outcome, active, n_scored, n_train, extra_metrics):
+  """The user's metrics and jis's ``is/`` ones."""
+  choice, draw = out.choice, out.choice.draw
+  return {
+      **out.metrics, "is/tau": choice.tau,
+      "is/active": jnp.asarray(active, jnp.float32),
+      "is/ess": draw.ess, "is/max_weight": draw.max_weight,
+      "is/score_mean": draw.score_mean, "is/fallback": draw.fallback,
+      "is/variance_reduction": draw.variance_reduction,
+      "is/nonfinite": _nonfinite(out.metrics),
+      "is/rows_used": jnp.where(active, n_scored, n_train).astype(jnp.int32),
+      **draw.extra, **(extra_metrics or {})}
 
 
 def _sized_step(plan, model, state, batch, active, static, n_scored,
@@ -431,32 +473,15 @@ def _sized_step(plan, model, state, batch, active, static, n_scored,
   for the next step."""
   own = _Own(state.condition, state.transforms, state.policy, state.table)
   if lookahead:
-    choice, inner, metrics, pending = _lookahead(
-        plan, model, state, batch, own, n_scored, n_train)
-    own = choice.own
+    out = _train_then_draw(plan, model, state, batch, own, n_scored, n_train)
   else:
-    choice = _branch(
-        static, active,
-        lambda own: _choose_importance(plan, model, state, batch, own,
-                                       n_scored, n_train),
-        lambda own: _choose_uniform(plan, state, own, n_train), own)
-    rows = plan.placement.gather(batch, choice.positions)
-    inner, metrics, trained = _train(plan, model, state, rows, choice.weights,
-                                     static, active, n_train)
-    own = _record(plan, choice, static, active, batch, rows, trained,
-                  state.step)
-    pending = state.pending
-  draw = choice.draw
-  new_state = ImportanceState(inner, state.key, state.step + 1, choice.tau,
-                              *own, tau_step=choice.tau_step, pending=pending)
-  return new_state, {
-      **metrics, "is/tau": choice.tau,
-      "is/active": jnp.asarray(active, jnp.float32),
-      "is/ess": draw.ess, "is/max_weight": draw.max_weight,
-      "is/score_mean": draw.score_mean, "is/fallback": draw.fallback,
-      "is/variance_reduction": draw.tau, "is/nonfinite": _nonfinite(metrics),
-      "is/rows_used": jnp.where(active, n_scored, n_train).astype(jnp.int32),
-      **draw.extra, **(extra_metrics or {})}
+    out = _draw_then_train(plan, model, state, batch, own, active, static,
+                           n_scored, n_train)
+  new_state = state._replace(
+      inner=out.inner, step=state.step + 1, tau=out.choice.tau,
+      tau_step=out.choice.tau_step, pending=out.pending, **out.own._asdict())
+  return new_state, _step_metrics(out, active, n_scored, n_train,
+                                  extra_metrics)
 
 
 def _budget_step(plan, model, state, batch, active):
@@ -613,13 +638,14 @@ def importance_step(
         s = transforms(s)                           # smoothing, if any
         i, w = policy.select(s, size=b)             # default: i ~ p ∝ s, w ∝ (B p_i)^-½
         inner, metrics = train_step(inner, batch[i], w)
-        τ = m τ + (1 − m) variance_reduction(s)
+        τ = m^Δ τ + (1 − m^Δ) variance_reduction(s)   # Δ: steps since the last
       else:
         inner, metrics = train_step(inner, batch[:b], ones(b))
 
   Uniform steps compute no scores: they cost what your ``train_step`` costs.
-  τ is measured on importance steps only, always from ``logits_fn`` (inference
-  mode) over the presample, so one estimator drives the switch. While the
+  τ is measured on importance steps only, from the scores the step draws
+  with (by default ``logits_fn``'s, in inference mode, over the presample),
+  so one estimator drives the switch. While the
   default condition is off, every 128th step is an importance step that
   measures τ again, every 512th while τ is under halfway to the threshold
   (``jis.when_variance_reduced(probe_every=, far_probe_every=)``).
@@ -628,7 +654,8 @@ def importance_step(
   uniform scores instead and reports ``is/fallback = 1``.
 
   ``train_step`` and ``logits_fn`` may be plain or already-jitted functions:
-  jis traces each once per compilation, into its own program. jis never jits
+  jis traces them into its own program (once per branch that calls them:
+  a ``budget``'s buckets each train at their own size). jis never jits
   on your behalf: ``jax.jit(sampler.step, donate_argnums=0)`` is yours to
   write.
 
@@ -721,8 +748,8 @@ def importance_step(
     ``is/fallback``, ``is/variance_reduction`` (this step's τ; 1 on uniform
     steps), ``is/nonfinite`` (1 when one of your metrics, e.g. the loss,
     is NaN or infinite; see ``docs/reliability.md``) and ``is/rows_used``
-    (the presample rows the step used: ``B`` when it resampled, the first
-    ``b`` when it trained uniformly; advance your data position by it, so
+    (the presample rows the step used: ``B`` when it resampled (the rows
+    a ``budget``'s bucket scored), the first ``b`` when it trained uniformly; advance your data position by it, so
     that a uniform step's unused rows open the next presample and every
     example is visited once per epoch); with a ``score_table``
     also ``is/fresh``, ``is/score_age``, ``is/unscored`` and ``is/bad_index``;

@@ -26,8 +26,6 @@ def additive_smoothing(c: float) -> ScoreTransform:
 
   Examples:
     >>> import jax.numpy as jnp
-
-from jis import _validate
     >>> import jis
     >>> t = jis.additive_smoothing(1.0)
     >>> t.update(jnp.array([0.0, 2.0]), t.init())[0]
@@ -48,8 +46,6 @@ def adaptive_smoothing(c: float, forget: float = 0.9) -> ScoreTransform:
 
   Examples:
     >>> import jax.numpy as jnp
-
-from jis import _validate
     >>> import jis
     >>> t = jis.adaptive_smoothing(0.5, forget=0.0)
     >>> t.update(jnp.array([1.0, 3.0]), t.init())[0]
@@ -70,8 +66,6 @@ def power_smoothing(p: float) -> ScoreTransform:
 
   Examples:
     >>> import jax.numpy as jnp
-
-from jis import _validate
     >>> import jis
     >>> t = jis.power_smoothing(0.5)
     >>> t.update(jnp.array([4.0, 9.0]), t.init())[0]

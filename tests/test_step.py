@@ -487,6 +487,17 @@ def test_recorded_scores_come_from_the_train_logits_when_given(returns_logits):
   np.testing.assert_array_equal(state.table.scored_at[4:], -1)
 
 
+def test_a_table_without_logits_fn_or_is_logits_says_where_scores_come_from():
+  sampler = jis.importance_step(
+      _linear_train_step, None, batch_size=4, presample=3.0, score="loss",
+      score_table=jis.stale_scores(12), condition=jis.never())
+  state = sampler.init(_params(), jax.random.key(0))
+  batch = {**_presample(12), "index": jnp.arange(12)}
+  with pytest.raises(ValueError, match=r"return its logits under "
+                     r"metrics\['is/logits'\], or pass logits_fn"):
+    jax.eval_shape(sampler.step, state, batch)
+
+
 def test_train_step_is_traced_once_per_compile():
   calls = []
 
