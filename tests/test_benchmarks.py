@@ -246,6 +246,17 @@ def test_per_model_budgets_from_the_command_line():
     convergence.per_model("vgg=3", models)
   assert set(convergence.MODELS) == {"mnist_mlp", "mnist_cnn", "reuters_mlp",
                                      "imdb_fasttext"}
+  # A check on data the default was not tuned on is run on request only,
+  # and is not one of the table's four.
+  assert convergence.per_model("fashion_mnist_mlp=4", models) == {
+      "fashion_mnist_mlp": 4.0}
+  assert "fashion_mnist_mlp" not in convergence.MODELS
+  plan = convergence._plan("fashion_mnist_mlp", False, None, None, None, None)  # pylint: disable=protected-access
+  assert plan.model == "fashion_mnist_mlp"
+  assert not convergence.targets(
+      {"fashion_mnist_mlp": {"a": {"met": True}, "c": {"met": False},
+                             "d": {"met": True, "spikes": 0}}}
+  )["all_four"]
 
 
 def test_default_method_calls_importance_step_with_no_options(monkeypatch):
