@@ -211,11 +211,20 @@ def _scores_of(plan, model, inner, batch, logits=None) -> Array:
 
 
 def _transform(plan, scores: Array, states: tuple):
+  """The scores through the score transforms, in order, and their states."""
   new_states = []
   for t, s in zip(plan.transforms, states):
     scores, s = t.update(scores, s)
     new_states.append(s)
   return scores, tuple(new_states)
+
+
+def _usable_scores(plan, raw: Array, states: tuple):
+  """``(scores, transform states, fallback)``: the raw scores transformed,
+  then sanitized (uniform, and fallback = 1, where they cannot be sampled)."""
+  scores, states = _transform(plan, raw, states)
+  scores, fallback = _sanitize(scores)
+  return scores, states, fallback
 
 
 def _check_train_step_output(inner, out, n: int):
@@ -277,8 +286,7 @@ def _choose_importance(plan, model, state, batch, own, n_scored, n_train):
     raw, table, fresh, extra = _stale.presample_scores(
         plan.table, own.table, pool, state.step, score_pool,
         replicate=lambda x: plan.placement.put(x, None))
-  scores, transforms = _transform(plan, raw, own.transforms)
-  scores, fallback = _sanitize(scores)
+  scores, transforms, fallback = _usable_scores(plan, raw, own.transforms)
   sel = plan.placement.select(plan.policy, key, scores, own.policy, n_train)
   weights = jnp.asarray(sel.weights, jnp.float32)
   if plan.diagnostics:
@@ -290,10 +298,11 @@ def _choose_importance(plan, model, state, batch, own, n_scored, n_train):
                max_weight=jnp.max(weights), score_mean=jnp.mean(raw),
                fallback=fallback, extra=extra)
   condition = plan.condition.update(own.condition, scores, state.step)
-  return _Choice(sel.indices.astype(jnp.int32), weights,
-                 _Own(condition, transforms, sel.state, table), draw,
-                 jnp.asarray(fresh, jnp.bool_),
-                 *_moving_tau(plan, state, draw.variance_reduction))
+  tau, tau_step = _moving_tau(plan, state, draw.variance_reduction)
+  return _Choice(positions=sel.indices.astype(jnp.int32), weights=weights,
+                 own=_Own(condition, transforms, sel.state, table), draw=draw,
+                 fresh=jnp.asarray(fresh, jnp.bool_), tau=tau,
+                 tau_step=tau_step)
 
 
 def _choose_uniform(plan, state, own, n_train):
@@ -310,8 +319,9 @@ def _choose_uniform(plan, state, own, n_train):
                max_weight=jnp.ones((), jnp.float32), score_mean=zero,
                fallback=zero, extra=extra)
   weights = plan.placement.put(jnp.ones((n_train,), jnp.float32), 0)
-  return _Choice(plan.placement.uniform(n_train), weights, own, draw,
-                 jnp.asarray(False), state.tau, state.tau_step)
+  return _Choice(positions=plan.placement.uniform(n_train), weights=weights,
+                 own=own, draw=draw, fresh=jnp.asarray(False), tau=state.tau,
+                 tau_step=state.tau_step)
 
 
 def _needs_trained_scores(plan, static) -> tuple:
@@ -385,12 +395,11 @@ def _record(plan, choice, static, active, batch, rows, trained, step):
                                              choice.fresh, lambda: trained))
 
   def on_uniform(own):
-    scores = trained
     if table is not None:
-      own = own._replace(table=table.write(own.table, index, scores, step))
+      own = own._replace(table=table.write(own.table, index, trained, step))
     if observe is not None:
       own = own._replace(policy=plan.placement.observe(
-          plan.policy, _sanitize(_transform(plan, scores, own.transforms)[0])[0],
+          plan.policy, _usable_scores(plan, trained, own.transforms)[0],
           own.policy))
     return own
   return _branch(static, active, on_importance, on_uniform, choice.own)
