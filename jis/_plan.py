@@ -265,8 +265,8 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
   condition, threshold = _condition(condition, tau_threshold, budget,
                                     score_table, big_b, b)
   static_active = _static_active(condition, score_, threshold)
-  if score_table is not None and score_table.lookahead is True and not (
-      static_active is True and placement.layout.mesh is None):
+  if (score_table is not None and score_table.lookahead is True
+      and not _lookahead_can_run(static_active, placement)):
     raise ValueError(
         "stale_scores(lookahead=True) trains on the previous step's draw, so "
         "every step must resample (condition=jis.always(), the default with "
@@ -287,6 +287,11 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
       diagnostics=bool(diagnostics))
 
 
+def _lookahead_can_run(static_active, placement) -> bool:
+  """Every step resamples (known at trace time), on one device."""
+  return static_active is True and placement.layout.mesh is None
+
+
 def may_look_ahead(plan: Plan) -> bool:
   """Whether a step may train on the previous step's draw: a score table
   whose ``lookahead`` is not False, every step resampling, on one device
@@ -294,5 +299,4 @@ def may_look_ahead(plan: Plan) -> bool:
   the pending draw; a step looks ahead when its presample is
   :class:`jis.Indexed`."""
   return (plan.table is not None and plan.table.lookahead is not False
-          and plan.static_active is True
-          and plan.placement.layout.mesh is None)
+          and _lookahead_can_run(plan.static_active, plan.placement))
