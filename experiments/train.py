@@ -28,9 +28,10 @@ Only process 0 writes files other than checkpoints.
 
 import dataclasses
 import functools
+import math
 import os
 import time
-from typing import Any, Dict, NamedTuple
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 from absl import logging
 from flax import struct
@@ -396,6 +397,16 @@ def _steps_per_dispatch(config) -> int:
   return max(1, int(config.steps_per_dispatch))
 
 
+class Handoff(NamedTuple):
+  """Lets other work use the machine between a run's dispatches (the
+  convergence benchmark's runs that take turns, so that they meet the same
+  machine speed): every ``seconds`` of the run's training clock, the loop
+  drains its dispatches, stops the clock and calls ``give``, which returns
+  when the run may go on."""
+  seconds: float
+  give: Callable[[], None]
+
+
 class _Run(NamedTuple):
   """A run set up and compiled, its training clock not started."""
   loop: Loop
@@ -408,6 +419,7 @@ class _Run(NamedTuple):
   out: _Outputs
   start_step: int
   resumed: bool
+  handoff: Optional[Handoff] = None
 
 
 def _train(config, run: _Run) -> Result:
@@ -421,6 +433,8 @@ def _train(config, run: _Run) -> Result:
                   disable=not (config.progress_bar and jax.process_index() == 0),
                   dynamic_ncols=True, mininterval=0.5)
   step, pending, last_eval, actions = start_step, None, {}, cadence.Actions()
+  give_at = math.inf if run.handoff is None else (
+      clocks.train.read() + run.handoff.seconds)
   try:
     with clocks:
       if start_step == 0 and config.get("eval_at_start", True):
@@ -440,7 +454,8 @@ def _train(config, run: _Run) -> Result:
         bar.update(n)
         actions = schedule.after_dispatch(prev, step, clocks.agreed())
         done = actions.stop
-        if not (actions.log or actions.evaluate or actions.save):
+        hand_over = not done and clocks.train.read() >= give_at
+        if not (actions.log or actions.evaluate or actions.save or hand_over):
           continue
         jax.block_until_ready(loop)
         clocks.train.stop()
@@ -451,6 +466,9 @@ def _train(config, run: _Run) -> Result:
           schedule.evaluated(clocks.agreed().train_seconds)
         if actions.save:
           out.save(loop, source, step)
+        if hand_over:
+          run.handoff.give()
+          give_at = clocks.train.read() + run.handoff.seconds
         if not done:
           clocks.train.start()
       clocks.train.stop()
@@ -472,9 +490,10 @@ def _train(config, run: _Run) -> Result:
                 eval=last_eval, preempted=actions.preempted)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> Result:
-  """Trains and evaluates as ``config`` says, logging to ``workdir``."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       handoff: Optional[Handoff] = None) -> Result:
+  """Trains and evaluates as ``config`` says, logging to ``workdir``;
+  ``handoff`` lets other work run between dispatches (:class:`Handoff`)."""
   checkpoints.quiet_orbax_logs()
   parts = _build(config)
   os.makedirs(workdir, exist_ok=True)
@@ -521,7 +540,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     return _train(config, _Run(loop, source, statistics, parts.aug_key,
                                evaluator, schedule, chunk_fns, out,
-                               start_step, bool(resumed)))
+                               start_step, bool(resumed), handoff))
   finally:
     source.close()
     ckpt.close()

@@ -128,6 +128,12 @@ class _Choice(NamedTuple):
   tau_step: Array     # the step of its latest measurement
 
 
+class _Keep(NamedTuple):
+  """Whether a step keeps its trained examples' scores, per branch."""
+  on_importance: bool
+  on_uniform: bool
+
+
 class _Outcome(NamedTuple):
   """A step's training and choice, before jis's state is put together."""
   choice: _Choice
@@ -227,8 +233,9 @@ def _usable_scores(plan, raw: Array, states: tuple):
   return scores, states, fallback
 
 
-def _check_train_step_output(inner, out, n: int):
-  """The user's ``(train_state, metrics)``, checked; ``is/logits`` split off."""
+def _split_train_step_output(inner, out, n: int):
+  """``(train state, metrics, logits or None)``: the user's ``(train_state,
+  metrics)``, checked, with ``is/logits`` split off the metrics."""
   if not (isinstance(out, tuple) and len(out) == 2):
     raise TypeError("train_step must return (train_state, metrics); got "
                     f"{type(out).__name__}.")
@@ -324,26 +331,28 @@ def _choose_uniform(plan, state, own, n_train):
                  tau_step=state.tau_step)
 
 
-def _needs_trained_scores(plan, static) -> tuple:
-  """``(on importance steps, on uniform steps)``: whether the trained
-  examples' scores are kept — by the score table, and on uniform steps by a
-  policy that observes them."""
+def _needs_trained_scores(plan, static) -> _Keep:
+  """Whether the trained examples' scores are kept: by the score table, and
+  on uniform steps by a policy that observes them (on the branches that can
+  run)."""
   table = plan.table is not None
-  return (table and static is not False,
-          (table or plan.policy.observe is not None) and static is not True)
+  return _Keep(
+      on_importance=table and static is not False,
+      on_uniform=(table or plan.policy.observe is not None)
+      and static is not True)
 
 
 def _score_before_update(plan, model, state, rows, static, active):
   """The trained rows' scores at the parameters they are trained with, by a
   forward pass, where they are needed (else None). When the train step hands
   back its logits instead, this pass has no user and jit drops it."""
-  on_importance, on_uniform = _needs_trained_scores(plan, static)
-  if not (on_importance or on_uniform) or model.logits_fn is None:
+  keep = _needs_trained_scores(plan, static)
+  if not any(keep) or model.logits_fn is None:
     return None
   score = lambda _: _scores_of(plan, model, state.inner, rows)
   unused = lambda _: jnp.zeros((jax.tree.leaves(rows)[0].shape[0],), jnp.float32)
-  return _branch(static, active, score if on_importance else unused,
-                 score if on_uniform else unused, None)
+  return _branch(static, active, score if keep.on_importance else unused,
+                 score if keep.on_uniform else unused, None)
 
 
 def _trained_scores(plan, model, static, rows, before, logits):
@@ -413,7 +422,7 @@ def _train(plan, model, state, rows, weights, static, active, n_train):
     weights = weights * jnp.asarray(plan.example_weights(rows), jnp.float32)
   before = _score_before_update(plan, model, state, rows, static, active)
   out = model.train_step(state.inner, rows, weights)
-  inner, metrics, logits = _check_train_step_output(state.inner, out, n_train)
+  inner, metrics, logits = _split_train_step_output(state.inner, out, n_train)
   return inner, metrics, _trained_scores(plan, model, static, rows, before,
                                          logits)
 

@@ -661,3 +661,76 @@ def test_readme_summary_fills_only_the_marked_block(out_dir, tmp_path):
   readme.write_text("# no markers\n")
   with pytest.raises(ValueError, match="benchmarks:start"):
     report.update_readme(str(readme), summary)
+
+
+def test_runs_taking_turns_hold_the_machine_one_at_a_time():
+  """take_turns: one body runs at a time, in a round, the first first; a
+  body that ends leaves the round; an error is raised once all have ended."""
+  from experiments.benchmarks import turns  # pylint: disable=g-import-not-at-top
+  events, holder = [], []
+
+  def body(name, n, fail=False):
+    def run(handoff):
+      for i in range(n):
+        holder.append(name)
+        events.append(f"{name}{i}")
+        assert holder == [name]    # nobody else runs meanwhile
+        holder.pop()
+        handoff.give()
+      if fail:
+        raise RuntimeError(f"{name} failed")
+      return name
+    return run
+
+  assert turns.take_turns([body("a", 3), body("b", 1), body("c", 2)],
+                          0.5) == ["a", "b", "c"]
+  assert events == ["a0", "b0", "c0", "a1", "c1", "a2"]
+  events.clear()
+  with pytest.raises(RuntimeError, match="b failed"):
+    turns.take_turns([body("a", 2), body("b", 1, fail=True)], 0.5)
+  assert events == ["a0", "b0", "a1"]      # a still ran to its end
+  with pytest.raises(ValueError, match="seconds per turn"):
+    turns.take_turns([body("a", 1)], 0.0)
+
+
+def test_methods_taking_turns_train_for_a_calibrated_budget(
+    monkeypatch, tmp_path):
+  """``turn_seconds``: one uniform run of the epochs (not reported) sets the
+  budget in seconds; then each seed's methods train at once, each for that
+  budget, with a handoff; the JSON says so."""
+  calls = []
+
+  def fake_run_one(config, workdir, handoff=None):
+    r = _fake_run("x", config.seed, [2.0, 0.5, 0.2], [0.1, 0.8, 0.9])
+    calls.append((os.path.basename(workdir), config.train_seconds,
+                  config.num_epochs, handoff))
+    if handoff is not None:
+      assert handoff.seconds == 0.25
+      handoff.give()
+    return {**{k: v for k, v in r.items() if k not in ("method", "seed")},
+            "train_seconds": config.train_seconds or 7.5}
+
+  monkeypatch.setattr(convergence, "run_one", fake_run_one)
+  out = str(tmp_path / "c.json")
+  convergence.run(models=["reuters_mlp"], methods=["uniform", "default"],
+                  seeds=2, first_seed=3, turn_seconds=0.25, out=out,
+                  workdir=str(tmp_path), data_dir=str(tmp_path))
+  calibration, *runs = calls
+  assert calibration[:3] == ("calibration", 0.0, 10.0)
+  assert calibration[3] is None
+  # Each seed's pair ran in turns: uniform, default, then each's second turn.
+  assert [(c[0], c[1], c[2]) for c in runs] == [
+      ("uniform_s3", 7.5, 0.0), ("default_s3", 7.5, 0.0),
+      ("uniform_s4", 7.5, 0.0), ("default_s4", 7.5, 0.0)]
+  assert all(c[3] is not None for c in runs)
+  entry = _read(out)["models"]["reuters_mlp"]
+  assert entry["turn_seconds"] == 0.25 and entry["budget_seconds"] == 7.5
+  assert entry["calibration"] == {"epochs": 10.0, "seed": 3, "steps": 20,
+                                  "train_seconds": 7.5}
+  assert all(r["budget_seconds"] == 7.5 for r in entry["runs"])
+  assert "methods in turns of 0.25 s" in convergence.render(
+      "reuters_mlp", entry)
+  with pytest.raises(ValueError, match="turn_seconds"):
+    convergence.run(models=["reuters_mlp"], methods=["uniform"], seeds=1,
+                    turn_seconds=-1.0, out=out, workdir=str(tmp_path),
+                    data_dir=str(tmp_path))

@@ -211,3 +211,32 @@ def test_convolutions_in_a_cpu_loop_are_reported(fake_data, tmp_path, caplog,
     train.train_and_evaluate(c, str(tmp_path))
   messages = [r.getMessage() for r in caplog.records]
   assert any("jax-ml/jax#12868" in m for m in messages) == warned, messages
+
+
+def test_two_runs_taking_turns_train_as_each_alone(fake_data, tmp_path):
+  """Runs that take turns (experiments.benchmarks.turns) hand the machine
+  over between dispatches, off their training clocks, and end as they would
+  alone: the same steps, the same parameters."""
+  from experiments.benchmarks import turns  # pylint: disable=g-import-not-at-top
+  config = lambda score: tiny_config(fake_data, num_steps=12,
+                                     steps_per_dispatch=2,
+                                     **{"sampler.score": score})
+  alone = [train.train_and_evaluate(config(s), str(tmp_path / f"alone_{s}"))
+           for s in ("upper_bound", "uniform")]
+  gives = []
+
+  def body(score):
+    def run(handoff):
+      counted = train.Handoff(
+          1e-9, lambda: (gives.append(score), handoff.give()))
+      return train.train_and_evaluate(config(score),
+                                      str(tmp_path / f"turns_{score}"),
+                                      counted)
+    return run
+
+  both = turns.take_turns([body("upper_bound"), body("uniform")], 1e-9)
+  # A turn of ~0 s: a handoff after every dispatch but the last (6 of 2).
+  assert gives == ["upper_bound", "uniform"] * 5
+  for a, b in zip(alone, both):
+    assert a.step == b.step == 12
+    assert_same_state(a.state.inner.params, b.state.inner.params)

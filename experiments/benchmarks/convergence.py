@@ -63,6 +63,7 @@ the models run (:func:`targets`):
 """
 
 import argparse
+import functools
 import importlib
 import inspect
 import json
@@ -72,7 +73,7 @@ import shutil
 import statistics
 import sys
 import time
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -80,6 +81,7 @@ import ml_collections
 import numpy as np
 
 from experiments.benchmarks import common
+from experiments.benchmarks import turns
 
 # name -> jis.importance_step options (config.sampler fields) or top-level
 # training fields; everything a method leaves out is jis's own default.
@@ -286,14 +288,15 @@ def spikes(curve: List[Dict[str, float]], factor: float = SPIKE_FACTOR,
   return {"count": len(events), "worst_ratio": worst, "events": events}
 
 
-def run_one(config, workdir: str) -> Dict[str, object]:
-  """Trains one run from scratch; returns its curves and metrics."""
+def run_one(config, workdir: str, handoff=None) -> Dict[str, object]:
+  """Trains one run from scratch; returns its curves and metrics.
+  ``handoff``: an ``experiments.train.Handoff`` (runs that take turns)."""
   from experiments import metric_writer  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
   if os.path.exists(workdir):
     shutil.rmtree(workdir)   # a leftover checkpoint would resume
   t0, steal = time.perf_counter(), common.cpu_steal()
-  result = train.train_and_evaluate(config, workdir)
+  result = train.train_and_evaluate(config, workdir, handoff)
   wall = time.perf_counter() - t0
   steal = common.steal_fraction(steal, common.cpu_steal())
   records = metric_writer.read_metrics(workdir)
@@ -535,16 +538,19 @@ def _merged(result: Dict[str, object], earlier: Dict[str, object],
 class _Plan(NamedTuple):
   """One model's budget: uniform's ``epochs`` (its time is the seed's
   budget), or ``seconds`` for every run when given; ``points``
-  evaluations; ``repeats`` runs of each seed."""
+  evaluations; ``repeats`` runs of each seed; ``turn``: the seconds of
+  training per turn when a seed's methods take turns (0: one after the
+  other)."""
   model: str
   epochs: float
   seconds: float
   points: int
   repeats: int
+  turn: float = 0.0
 
 
 def _plan(model: str, quick: bool, budget_epochs, budget_seconds,
-          eval_points, repeats) -> _Plan:
+          eval_points, repeats, turn: float = 0.0) -> _Plan:
   spec = KNOWN[model]
   n = int((repeats or {}).get(model, 1))
   if n < 1:
@@ -556,7 +562,7 @@ def _plan(model: str, quick: bool, budget_epochs, budget_seconds,
       (budget_seconds or {}).get(model, 0.0),
       (eval_points or {}).get(model, QUICK_EVAL_POINTS if quick
                               else spec.eval_points),
-      n)
+      n, float(turn))
 
 
 def _train_model(plan: _Plan, methods, seeds, data_dir: str, quick: bool,
@@ -567,27 +573,47 @@ def _train_model(plan: _Plan, methods, seeds, data_dir: str, quick: bool,
 
   Seed by seed (and repeat by repeat), uniform first: the machine's speed
   drifts over minutes, so each method trains right after the uniform run
-  of its seed, for that run's time (unless the budget is in seconds).
+  of its seed, for that run's time (unless the budget is in seconds). With
+  ``plan.turn``, a seed's methods train at once, taking turns of
+  ``plan.turn`` training seconds (:mod:`experiments.benchmarks.turns`), all
+  for ``plan.seconds``.
   """
   runs = {name: [] for name, _ in methods}
   fields, info = {}, {}
+
+  def config(name, overrides, seed, budget):
+    by_epochs = name == "uniform" and not budget
+    cfg = make_config(plan.model, name, seed, data_dir, quick,
+                      budget_epochs=plan.epochs if by_epochs else 0.0,
+                      budget_seconds=budget, eval_points=plan.points,
+                      sampler=overrides)
+    fields[name] = sampler_fields(cfg)
+    return cfg
+
   for seed in seeds:
     for rep in range(plan.repeats):
       tag = f"_r{rep}" if plan.repeats > 1 else ""
-      for name, overrides in methods:
-        by_epochs = name == "uniform" and not plan.seconds
-        budget = (plan.seconds or
-                  (0.0 if by_epochs else runs["uniform"][-1]["train_seconds"]))
-        cfg = make_config(plan.model, name, seed, data_dir, quick,
-                          budget_epochs=plan.epochs if by_epochs else 0.0,
-                          budget_seconds=budget, eval_points=plan.points,
-                          sampler=overrides)
-        fields[name] = sampler_fields(cfg)
-        r = run_one(cfg, os.path.join(workdir, plan.model,
-                                      f"{name}_s{seed}{tag}"))
+      where = {name: os.path.join(workdir, plan.model, f"{name}_s{seed}{tag}")
+               for name, _ in methods}
+      if plan.turn:
+        cfgs = [(name, config(name, o, seed, plan.seconds))
+                for name, o in methods]
+        done = turns.take_turns(
+            [functools.partial(run_one, cfg, where[name])
+             for name, cfg in cfgs], plan.turn)
+        done = [(name, cfg, r, plan.seconds)
+                for (name, cfg), r in zip(cfgs, done)]
+      else:
+        done = []
+        for name, overrides in methods:
+          # 0: this uniform run's time is the seed's budget.
+          budget = plan.seconds or (done[0][2]["train_seconds"] if done
+                                    else 0.0)
+          cfg = config(name, overrides, seed, budget)
+          done.append((name, cfg, run_one(cfg, where[name]), budget))
+      for name, cfg, r, budget in done:
         r = {"method": name, "seed": seed,
              **({"repeat": rep} if plan.repeats > 1 else {}), **r,
-             # 0: this uniform run's time is the seed's budget.
              "budget_seconds": budget or r["train_seconds"]}
         runs[name].append(r)
         last = r["curve"][-1]
@@ -603,6 +629,23 @@ def _train_model(plan: _Plan, methods, seeds, data_dir: str, quick: bool,
   return runs, fields, info
 
 
+def _calibrated(plan: _Plan, data_dir: str, quick: bool, seed: int,
+                workdir: str) -> Tuple[_Plan, Dict[str, object]]:
+  """``plan`` with a budget in seconds, for runs that take turns: the time
+  of one uniform run of ``plan.epochs`` (not reported), unless the budget
+  is in seconds already."""
+  if not plan.turn or plan.seconds:
+    return plan, {}
+  cfg = make_config(plan.model, "uniform", seed, data_dir, quick,
+                    budget_epochs=plan.epochs, eval_points=1)
+  r = run_one(cfg, os.path.join(workdir, plan.model, "calibration"))
+  print(f"[{plan.model}] budget: {r['train_seconds']:.1f} s, uniform's time "
+        f"for {plan.epochs:g} epochs on seed {seed}", flush=True)
+  return plan._replace(seconds=r["train_seconds"]), {
+      "epochs": plan.epochs, "seed": seed, "steps": r["steps"],
+      "train_seconds": r["train_seconds"]}
+
+
 def run(models: Sequence[str] = tuple(MODELS),
         methods: Sequence[str] = DEFAULT_METHODS, seeds: int = 3,
         budget_epochs: Optional[Dict[str, float]] = None,
@@ -613,7 +656,8 @@ def run(models: Sequence[str] = tuple(MODELS),
         extra_methods: Optional[Dict[str, Dict[str, object]]] = None,
         argv: Optional[Sequence[str]] = None,
         merge: bool = False,
-        repeats: Optional[Dict[str, int]] = None) -> Dict[str, object]:
+        repeats: Optional[Dict[str, int]] = None,
+        turn_seconds: float = 0.0) -> Dict[str, object]:
   """Runs the benchmark; writes and returns its JSON.
 
   ``budget_epochs``, ``budget_seconds`` and ``eval_points`` map model names
@@ -627,7 +671,11 @@ def run(models: Sequence[str] = tuple(MODELS),
   methods run again, uniform first, each repeat paired as one seed is, and
   every run counts in the medians. Over a budget of a few seconds the
   machine's drift between two runs is larger than the methods' difference;
-  repeats average it out.
+  repeats average it out. ``turn_seconds`` > 0: a seed's methods train at
+  once, taking turns of that many training seconds, so that they meet the
+  same machine speed; each model's budget is then in seconds, from
+  ``budget_seconds`` or else from one uniform run of its epochs on
+  ``first_seed`` (``calibration`` in its entry, not in the medians).
   """
   all_methods = {**METHODS, **(extra_methods or {})}
   models = [ALIASES.get(m, m) for m in models]
@@ -661,9 +709,15 @@ def run(models: Sequence[str] = tuple(MODELS),
     with open(out) as f:
       result = _merged(result, json.load(f), models)
   order = ["uniform"] + [m for m in methods if m != "uniform"]
+  if turn_seconds < 0:
+    raise ValueError(f"turn_seconds must be >= 0 (0: one run after the "
+                     f"other); got {turn_seconds}.")
   plans = {m: _plan(m, quick, budget_epochs, budget_seconds, eval_points,
-                    repeats) for m in models}   # checked before any training
+                    repeats, turn_seconds)
+           for m in models}   # checked before any training
   for model, plan in plans.items():
+    plan, calibration = _calibrated(plan, data_dir, quick, first_seed,
+                                    workdir)
     runs, fields, info = _train_model(
         plan, [(m, all_methods[m]) for m in order],
         range(first_seed, first_seed + seeds), data_dir, quick, workdir)
@@ -676,7 +730,9 @@ def run(models: Sequence[str] = tuple(MODELS),
         "run": {**part, "load_end": common.load_average()},
         "budget_seconds": budget,
         "budget_epochs_uniform": None if plan.seconds else plan.epochs,
-        "eval_points": plan.points, "repeats": plan.repeats, **info,
+        "eval_points": plan.points, "repeats": plan.repeats,
+        "turn_seconds": plan.turn,
+        **({"calibration": calibration} if calibration else {}), **info,
         "sampler_fields": fields,
         "summary": summary,
         "targets": model_targets(model, summary),
@@ -749,9 +805,11 @@ def render(model: str, entry: Dict[str, object]) -> str:
         "spikes (worst rise)": fmt_spikes(m["spikes"]),
     })
   epochs = entry.get("budget_epochs_uniform")
+  turn = entry.get("turn_seconds")
   return (f"\n{entry.get('title', model)} ({model}): budget "
           f"{fmt_seconds(entry['budget_seconds'])} of training"
-          f"{f' (uniform, {epochs:g} epochs)' if epochs else ''}; uniform's "
+          f"{f' (uniform, {epochs:g} epochs)' if epochs else ''}"
+          f"{f', methods in turns of {turn:g} s' if turn else ''}; uniform's "
           f"final train loss {s['uniform_final_train_loss']:.4f}, test "
           f"accuracy {s['uniform_final_test_accuracy']:.2%}"
           f"{fmt_steal(s['methods'].values())}\n\n"
@@ -868,6 +926,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  "seed is; all count in the medians), as --budget_epochs; "
                  "for budgets of seconds, where the machine's drift between "
                  "runs outweighs the methods' difference (default 1)")
+  p.add_argument("--turn_seconds", type=float, default=0.0,
+                 help="train a seed's methods at once, taking turns of this "
+                 "many training seconds (e.g. 1), so that they meet the same "
+                 "machine speed; the budget is then in seconds, from "
+                 "--budget_seconds or one uniform run of the epochs (default "
+                 "0: one run after the other)")
   p.add_argument("--out", default=None)
   p.add_argument("--workdir", default=None,
                  help="the runs' workdirs (default runs/benchmarks/"
@@ -890,7 +954,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     else os.path.join(common.RESULTS_DIR, "convergence.json")),
       workdir=a.workdir, data_dir=a.data_dir, first_seed=a.first_seed,
       extra_methods=dict(_named_json(x) for x in a.add_method), argv=argv,
-      merge=a.merge, repeats=per_model(a.repeats, models, int))
+      merge=a.merge, repeats=per_model(a.repeats, models, int),
+      turn_seconds=a.turn_seconds)
 
 
 if __name__ == "__main__":
