@@ -74,19 +74,29 @@ def _sampler(table=None, train_step=_train_step, **kw):
 # ---------------------------------------------------------------- the table
 
 
-def test_write_keeps_the_first_of_duplicates_and_lookup_fills_the_unscored():
+def test_write_keeps_the_largest_of_duplicates_and_lookup_fills_the_unscored():
   table = jis.stale_scores(6)
-  state = table.write(table.init(), jnp.array([4, 1, 4, 2]),
+  first = table.write(table.init(), jnp.array([4, 5]), jnp.array([20.0, 3.0]),
+                      2)
+  # Example 4 twice, its old score 20 above both new ones: it is replaced.
+  state = table.write(first, jnp.array([4, 1, 4, 2]),
                       jnp.array([1.0, 2.0, 9.0, 6.0]), 7)
-  np.testing.assert_array_equal(state.scores, [1, 2, 6, 1, 1, 1])
-  np.testing.assert_array_equal(state.scored_at, [-1, 7, 7, -1, 7, -1])
-  scores, scored = table.lookup(state, jnp.array([0, 1, 2, 4, 5]), 8)
-  np.testing.assert_allclose(scores, [3.0, 2.0, 6.0, 1.0, 3.0])  # mean of 2, 6, 1
+  np.testing.assert_array_equal(state.scores, [1, 2, 6, 1, 9, 3])
+  np.testing.assert_array_equal(state.scored_at, [-1, 7, 7, -1, 7, 2])
+  # The same writes in another order give the same table.
+  again = table.write(first, jnp.array([2, 4, 1, 4]),
+                      jnp.array([6.0, 9.0, 2.0, 1.0]), 7)
+  np.testing.assert_array_equal(again.scores, state.scores)
+  scores, scored = table.lookup(state, jnp.array([0, 1, 2, 4, 3]), 8)
+  np.testing.assert_allclose(scores, [17 / 3, 2.0, 6.0, 9.0, 17 / 3])
   np.testing.assert_array_equal(scored, [False, True, True, True, False])
   # The fill is the mean of the presample's scored entries (O(B)), not of
   # the whole table's: example 2 (score 6) is not in this presample.
   scores, _ = table.lookup(state, jnp.array([0, 1, 4]), 8)
-  np.testing.assert_allclose(scores, [1.5, 2.0, 1.0])
+  np.testing.assert_allclose(scores, [5.5, 2.0, 9.0])
+  # Indices out of range are dropped.
+  dropped = table.write(state, jnp.array([6, 0]), jnp.array([5.0, 4.0]), 9)
+  np.testing.assert_array_equal(dropped.scores, [4, 2, 6, 1, 9, 3])
   scores, scored = table.lookup(table.init(), jnp.array([0, 3]), 0)
   np.testing.assert_array_equal(scores, [1.0, 1.0])   # nothing scored: uniform
   assert not np.any(scored)
