@@ -402,7 +402,9 @@ class Handoff(NamedTuple):
   convergence benchmark's runs that take turns, so that they meet the same
   machine speed): every ``seconds`` of the run's training clock, the loop
   drains its dispatches, stops the clock and calls ``give``, which returns
-  when the run may go on."""
+  when the run may go on (the same dispatch on every process: the loop
+  reads the agreed clock). A streamed source's loader threads are not
+  paused: they fill their buffers while ``give`` waits."""
   seconds: float
   give: Callable[[], None]
 
@@ -452,9 +454,10 @@ def _train(config, run: _Run) -> Result:
           jax.block_until_ready(pending)   # keep one chunk in flight, no more
         pending, prev, step = metrics, step, step + n
         bar.update(n)
-        actions = schedule.after_dispatch(prev, step, clocks.agreed())
+        now = clocks.agreed()
+        actions = schedule.after_dispatch(prev, step, now)
         done = actions.stop
-        hand_over = not done and clocks.train.read() >= give_at
+        hand_over = not done and now.train_seconds >= give_at
         if not (actions.log or actions.evaluate or actions.save or hand_over):
           continue
         jax.block_until_ready(loop)
@@ -468,7 +471,7 @@ def _train(config, run: _Run) -> Result:
           out.save(loop, source, step)
         if hand_over:
           run.handoff.give()
-          give_at = clocks.train.read() + run.handoff.seconds
+          give_at = clocks.agreed().train_seconds + run.handoff.seconds
         if not done:
           clocks.train.start()
       clocks.train.stop()

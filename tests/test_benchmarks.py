@@ -328,7 +328,9 @@ def test_convergence_quick_on_two_models(out_dir, tmp_path):
   assert r["code"]["jis"] and "presample" in r["jis_defaults"]
   assert set(r["models"]) == {"mnist_mlp", "reuters_mlp"}
   for model, entry in r["models"].items():
-    assert entry["budget_epochs_uniform"] == convergence.QUICK_BUDGET_EPOCHS
+    # By default a seed's methods take turns, for a calibrated budget.
+    assert entry["turn_seconds"] == convergence.TURN_SECONDS
+    assert entry["calibration"]["epochs"] == convergence.QUICK_BUDGET_EPOCHS
     assert entry["budget_seconds"] > 0 and entry["steps_per_dispatch"] == 10
     assert entry["sampler_fields"] == {"uniform": {"score": "uniform"},
                                        "default": {}}
@@ -350,17 +352,20 @@ def test_convergence_quick_on_two_models(out_dir, tmp_path):
       for x in runs.values():
         assert 0.0 <= x["steal_fraction"] <= 1.0
       assert methods["default"]["steal_fraction"]["n"] == 1
-    uniform = runs["uniform"]
-    assert uniform["steps"] == 50 and uniform["curve"][-1]["epoch"] == 2.0
-    # Evaluations at the start, after the dispatch (10 steps, 0.4 epoch)
-    # that crosses each half epoch, and at the end; a line per dispatch.
-    assert [p["epoch"] for p in uniform["curve"]] == [0, 0.8, 1.2, 1.6, 2]
-    assert uniform["train_lines"]["step"] == list(range(10, 51, 10))
+    # The budget: uniform's time for its 50 steps (2 epochs) in a
+    # calibration run; every method trains that long, in turns.
+    calibration = entry["calibration"]
+    assert calibration["steps"] == 50 and calibration["seed"] == 0
+    assert entry["budget_seconds"] == calibration["train_seconds"]
+    for x in runs.values():
+      assert x["budget_seconds"] == calibration["train_seconds"]
+      assert x["train_seconds"] >= x["budget_seconds"]
+      # Evaluations at the start, on the seconds' cadence, and at the end;
+      # a training line per dispatch of 10 steps.
+      assert x["curve"][0]["epoch"] == 0 and len(x["curve"]) >= 2
+      assert x["curve"][-1]["step"] == x["steps"]
+      assert x["train_lines"]["step"] == list(range(10, x["steps"] + 1, 10))
     default = runs["default"]
-    # Paired by seed: default trains for its seed's uniform time.
-    assert uniform["budget_seconds"] == uniform["train_seconds"]
-    assert default["budget_seconds"] == uniform["train_seconds"]
-    assert default["train_seconds"] >= default["budget_seconds"]
     lines = default["train_lines"]
     assert lines["step"][-1] == default["steps"]
     assert default["is_active_fraction"] == pytest.approx(
@@ -388,9 +393,10 @@ def _fake_run(method, seed, losses, accs, ms=5.0, active=0.0):
 
 def test_repeats_pair_each_run_with_the_uniform_run_just_before(
     monkeypatch, tmp_path):
-  """``repeats``: each seed's methods run again, uniform first; each method
-  trains for the seconds of the uniform run just before it (the machine's
-  speed changes between repeats), and every run counts in the summary."""
+  """``repeats``, one method after the other (``turn_seconds=0``): each
+  seed's methods run again, uniform first; each method trains for the
+  seconds of the uniform run just before it (the machine's speed changes
+  between repeats), and every run counts in the summary."""
   calls = []
 
   def fake_run_one(config, workdir):
@@ -406,7 +412,8 @@ def test_repeats_pair_each_run_with_the_uniform_run_just_before(
   out = str(tmp_path / "c.json")
   r = convergence.run(models=["reuters_mlp"], methods=["uniform", "default"],
                       seeds=2, repeats={"reuters_mlp": 2}, out=out,
-                      workdir=str(tmp_path), data_dir=str(tmp_path))
+                      workdir=str(tmp_path), data_dir=str(tmp_path),
+                      turn_seconds=0.0)
   assert [c[0] for c in calls] == [
       "uniform_s0_r0", "default_s0_r0", "uniform_s0_r1", "default_s0_r1",
       "uniform_s1_r0", "default_s1_r0", "uniform_s1_r1", "default_s1_r1"]
@@ -424,7 +431,8 @@ def test_repeats_pair_each_run_with_the_uniform_run_just_before(
   with pytest.raises(ValueError, match="repeats"):
     convergence.run(models=["reuters_mlp"], methods=["uniform"], seeds=1,
                     repeats={"reuters_mlp": 0}, out=out,
-                    workdir=str(tmp_path), data_dir=str(tmp_path))
+                    workdir=str(tmp_path), data_dir=str(tmp_path),
+                    turn_seconds=0.0)
 
 
 def test_each_run_is_read_at_its_own_seeds_budget():
@@ -494,6 +502,16 @@ def test_the_report_says_how_each_model_got_its_budget():
   for run in r["models"]["reuters_mlp"]["runs"]:
     run["budget_seconds"] = 10.0
   assert "Measured before" not in report._budget_rule(r)
+  # Methods in turns on one model: its rule first, then the others'.
+  r["models"]["mnist_mlp"].update(turn_seconds=0.5, budget_epochs_uniform=None,
+                                  calibration={"epochs": 12.0})
+  rule = report._budget_rule(r)
+  assert rule.startswith("A seed's methods train at once")
+  assert "MNIST MLP 0.5 s of training per turn" in rule
+  assert "One method after the other (Reuters MLP): seed by seed" in rule
+  assert "(12 epochs)" in report.four_model_table(r)
+  r["models"]["reuters_mlp"]["turn_seconds"] = 1.0
+  assert "One method after the other" not in report._budget_rule(r)
 
 
 def _part(command, models):

@@ -13,16 +13,23 @@ to uniform's final training loss and to uniform's final test accuracy; ms per
 step; the fraction of importance steps (``is/active``); the largest weight
 (``is/max_weight``); and loss spikes after the first epoch.
 
-The runs go seed by seed. Uniform trains first, for the model's number of
-epochs (:data:`MODELS`, ``--budget_epochs``); every other method then trains
-on the same seed for the seconds that uniform run took, and each run is read
-at its own budget. Run next to each other, the methods of a seed meet the
-same machine speed (a shared 2-core machine drifts by 2x over minutes);
-the model's budget is the median over seeds. ``--budget_seconds`` sets one
-budget in seconds for every run instead. ``--repeats=reuters_mlp=3`` runs
-each seed's methods three times, each repeat paired the same way: over a
-budget of a few seconds the drift between two runs outweighs the methods'
-difference, and every run counts in the medians.
+The runs go seed by seed, and a seed's methods train at once, taking turns
+on the machine: each trains for 0.5 s of its own training clock, then hands
+over to the next (``--turn_seconds``; :mod:`experiments.benchmarks.turns`).
+A shared 2-core machine's speed drifts by 10-25 % between two runs of
+seconds (and by 2x over minutes); taking turns, the methods compared meet
+the same machine speed. Every method trains for the model's budget in
+seconds: ``--budget_seconds``, or else uniform's time for the model's
+number of epochs (:data:`MODELS`, ``--budget_epochs``) in one calibration
+run on the first seed, not counted (``calibration`` in the JSON).
+``--repeats=reuters_mlp=3`` runs each seed's methods three times, every run
+counted in the medians.
+
+``--turn_seconds=0`` runs the methods one after the other instead (as this
+benchmark did until 2026-12-04): uniform first, for the model's epochs;
+every other method then trains on the same seed for the seconds that
+uniform run took, and each run is read at its own budget; the model's
+budget is the median over seeds.
 
   python -m experiments.benchmarks.convergence --quick    # smoke, ~2-3 min
   python -m experiments.benchmarks.convergence            # all four, ~1 h
@@ -30,6 +37,8 @@ difference, and every run counts in the medians.
       --budget_epochs=20 --out runs/benchmarks/convergence_mlp20.json
   python -m experiments.benchmarks.convergence --models=mnist_cnn \
       --budget_epochs=mnist_cnn=3 --out runs/benchmarks/convergence_cnn3.json
+  python -m experiments.benchmarks.convergence --models=fashion_mnist_mlp \
+      --turn_seconds=1 --out runs/benchmarks/convergence_fashion.json
 
 The full run writes ``docs/benchmarks/results/convergence.json``, which
 ``experiments.benchmarks.report`` turns into docs/benchmarks.md and the
@@ -162,6 +171,8 @@ SPIKE_AFTER_EPOCH = 1.0   # ... after the first epoch is a spike
 TARGET_LOSS_RATIO_MLP = 0.3
 TARGET_TIME_FRACTION = 0.7
 TARGET_MODELS_REACHING = 2
+# Training seconds per turn when a seed's methods take turns (--turn_seconds).
+TURN_SECONDS = 0.5
 FORMAT = "convergence/2"   # the JSON layout report.py reads
 # The per-dispatch training-line columns kept in the JSON (with step, t).
 TRAIN_LINE_KEYS = ("is/active", "is/max_weight", "is/tau")
@@ -657,7 +668,7 @@ def run(models: Sequence[str] = tuple(MODELS),
         argv: Optional[Sequence[str]] = None,
         merge: bool = False,
         repeats: Optional[Dict[str, int]] = None,
-        turn_seconds: float = 0.0) -> Dict[str, object]:
+        turn_seconds: float = 0.5) -> Dict[str, object]:
   """Runs the benchmark; writes and returns its JSON.
 
   ``budget_epochs``, ``budget_seconds`` and ``eval_points`` map model names
@@ -926,12 +937,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  "seed is; all count in the medians), as --budget_epochs; "
                  "for budgets of seconds, where the machine's drift between "
                  "runs outweighs the methods' difference (default 1)")
-  p.add_argument("--turn_seconds", type=float, default=0.0,
+  p.add_argument("--turn_seconds", type=float, default=TURN_SECONDS,
                  help="train a seed's methods at once, taking turns of this "
-                 "many training seconds (e.g. 1), so that they meet the same "
-                 "machine speed; the budget is then in seconds, from "
-                 "--budget_seconds or one uniform run of the epochs (default "
-                 "0: one run after the other)")
+                 "many training seconds, so that they meet the same machine "
+                 "speed; the budget is then in seconds, from --budget_seconds "
+                 "or one uniform run of the epochs; 0: one run after the "
+                 f"other, each seed's budget uniform's time (default "
+                 f"{TURN_SECONDS:g})")
   p.add_argument("--out", default=None)
   p.add_argument("--workdir", default=None,
                  help="the runs' workdirs (default runs/benchmarks/"

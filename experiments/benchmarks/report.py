@@ -166,32 +166,75 @@ def _repeats(r, short: bool = False) -> str:
   if short:
     return f"; each seed run {each}"
   return (f" Each seed ran more than once on {each}: the seed's methods "
-          "again, uniform first, each repeat paired as a seed is, every run "
-          "counted in the medians and ranges (over budgets of a few seconds "
-          "the machine's drift between two runs outweighs the methods' "
+          "again, each repeat measured as a seed is, every run counted in "
+          "the medians and ranges (over budgets of a few seconds the "
+          "seeds' and the machine's noise outweighs the methods' "
           "difference).")
 
 
+def _turns_rule(r) -> str:
+  """How the models whose methods took turns got their budgets, or ""."""
+  turns = {e.get("title", k): e for k, e in r["models"].items()
+           if e.get("turn_seconds")}
+  if not turns:
+    return ""
+  each = ", ".join(f"{t} {e['turn_seconds']:g} s" for t, e in turns.items())
+  return ("A seed's methods train at once, taking turns on the machine "
+          f"({each} of training per turn), so that the methods compared meet "
+          "the same machine speed; each runs for the model's budget in "
+          "seconds, uniform's training time for its epochs in one "
+          "calibration run that is not counted. ")
+
+
 def _budget_rule(r) -> str:
-  """How the runs of ``r`` got their budgets: paired by seed (runs that
-  record their own ``budget_seconds``) or at one budget per model."""
-  paired = [e.get("title", k) for k, e in r["models"].items()
+  """How the runs of ``r`` got their budgets: in turns (:func:`_turns_rule`),
+  paired by seed (runs that record their own ``budget_seconds``) or at one
+  budget per model."""
+  rule = _turns_rule(r)
+  models = {k: e for k, e in r["models"].items() if not e.get("turn_seconds")}
+  if not models:
+    return rule.strip()
+  return rule + _sequential_rule(models, bool(rule))
+
+
+def _budget_phrase(r) -> str:
+  """The budget rule in a few words, for the README's block."""
+  turns = [e for e in r["models"].values() if e.get("turn_seconds")]
+  if len(turns) == len(r["models"]):
+    return ("uniform's time for its epochs; a seed's methods train at once, "
+            "taking turns on the machine")
+  return ("uniform's time for its epochs, paired by seed where "
+          "docs/benchmarks.md says so")
+
+
+def _sequential_rule(models: Dict, after_turns: bool) -> str:
+  """How models measured one method after the other got their budgets;
+  ``after_turns``: the sentence follows :func:`_turns_rule`'s."""
+  titles = {k: e.get("title", k) for k, e in models.items()}
+  paired = [titles[k] for k, e in models.items()
             if e.get("runs") and all("budget_seconds" in x for x in e["runs"])]
-  median = ("Each model's budget is uniform's training time for its epochs "
+  others = [t for t in titles.values() if t not in paired]
+  median = ("each model's budget is uniform's training time for its epochs "
             "(median over seeds); every other method trains that many "
             "seconds.")
-  if not paired:
-    return median
-  rule = ("Seed by seed, uniform trains for the model's epochs and every "
-          "other method then trains on the same seed for that run's time, "
-          "each read at its own budget, so the methods compared meet the "
-          "same machine speed; the budget shown is the median over seeds.")
-  others = [e.get("title", k) for k, e in r["models"].items()
-            if e.get("title", k) not in paired]
+  rule = ""
+  if paired:
+    rule = ("seed by seed, uniform trains for the model's epochs and every "
+            "other method then trains on the same seed for that run's time, "
+            "each read at its own budget, so the methods compared meet "
+            "nearly the same machine speed; the budget shown is the median "
+            "over seeds.")
+    if after_turns:
+      rule = f"One method after the other ({', '.join(paired)}): " + rule
+    else:
+      rule = rule[0].upper() + rule[1:]
   if others:
-    rule += (f" Measured before that rule ({', '.join(others)}): "
-             + median[0].lower() + median[1:])
-  return rule
+    before = "before that rule" if paired else "one method after the other"
+    if paired or after_turns:
+      rule += f" Measured {before} ({', '.join(others)}): " + median
+    else:
+      rule = median[0].upper() + median[1:]
+  return rule.strip()
 
 
 def four_model_table(r: Optional[Dict], method: str = "default") -> str:
@@ -213,7 +256,8 @@ def four_model_table(r: Optional[Dict], method: str = "default") -> str:
     methods = entry["summary"]["methods"] if entry else {}
     if "uniform" in methods and method in methods:
       u, d = methods["uniform"], methods[method]
-      epochs = entry.get("budget_epochs_uniform")
+      epochs = (entry.get("budget_epochs_uniform")
+                or entry.get("calibration", {}).get("epochs"))
       ul, dl = u["train_loss"]["median"], d["train_loss"]["median"]
       um, dm = u["ms_per_step"]["median"], d["ms_per_step"]["median"]
       ue, de = _s_per_epoch(um, entry), _s_per_epoch(dm, entry)
@@ -508,8 +552,7 @@ def readme_summary(in_dir: str = common.RESULTS_DIR,
         f"{_repeats(cv, short=True)}, uniform against jis's defaults at "
         f"equal training time; {m['cores']}-core {m['backend']}, "
         f"{cv['date'][:10]}, {_commits(cv, 7)}): medians "
-        "over seeds at the budget (uniform's time for its epochs, paired "
-        "by seed where docs/benchmarks.md says so); the "
+        f"over seeds at the budget ({_budget_phrase(cv)}); the "
         "original's figures are from its examples page (Keras, CPU).\n")
     lines.append("  " + four_model_table(cv).replace("\n", "\n  ") + "\n")
     if cv.get("targets"):
