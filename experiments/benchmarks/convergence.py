@@ -580,14 +580,7 @@ def _train_model(plan: _Plan, methods, seeds, data_dir: str, quick: bool,
                  workdir: str):
   """Every run of one model: ``(runs by method, sampler fields by method,
   the model's batch facts)``. ``methods``: ``(name, overrides)`` pairs,
-  uniform first.
-
-  Seed by seed (and repeat by repeat), uniform first: the machine's speed
-  drifts over minutes, so each method trains right after the uniform run
-  of its seed, for that run's time (unless the budget is in seconds). With
-  ``plan.turn``, a seed's methods train at once, taking turns of
-  ``plan.turn`` training seconds (:mod:`experiments.benchmarks.turns`), all
-  for ``plan.seconds``.
+  uniform first. Seed by seed, and repeat by repeat (:func:`_seed_runs`).
   """
   runs = {name: [] for name, _ in methods}
   fields, info = {}, {}
@@ -606,22 +599,8 @@ def _train_model(plan: _Plan, methods, seeds, data_dir: str, quick: bool,
       tag = f"_r{rep}" if plan.repeats > 1 else ""
       where = {name: os.path.join(workdir, plan.model, f"{name}_s{seed}{tag}")
                for name, _ in methods}
-      if plan.turn:
-        cfgs = [(name, config(name, o, seed, plan.seconds))
-                for name, o in methods]
-        done = turns.take_turns(
-            [functools.partial(run_one, cfg, where[name])
-             for name, cfg in cfgs], plan.turn)
-        done = [(name, cfg, r, plan.seconds)
-                for (name, cfg), r in zip(cfgs, done)]
-      else:
-        done = []
-        for name, overrides in methods:
-          # 0: this uniform run's time is the seed's budget.
-          budget = plan.seconds or (done[0][2]["train_seconds"] if done
-                                    else 0.0)
-          cfg = config(name, overrides, seed, budget)
-          done.append((name, cfg, run_one(cfg, where[name]), budget))
+      done = _seed_runs(plan, methods,
+                        functools.partial(config, seed=seed), where)
       for name, cfg, r, budget in done:
         r = {"method": name, "seed": seed,
              **({"repeat": rep} if plan.repeats > 1 else {}), **r,
@@ -638,6 +617,33 @@ def _train_model(plan: _Plan, methods, seeds, data_dir: str, quick: bool,
               f"{last['test_accuracy']:.2%}, IS active "
               f"{r['is_active_fraction'] or 0:.2f}", flush=True)
   return runs, fields, info
+
+
+def _seed_runs(plan: _Plan, methods, config, where):
+  """``(name, config, result, budget)`` of each method on one seed.
+
+  With ``plan.turn``, the methods train at once, taking turns of
+  ``plan.turn`` training seconds (:mod:`experiments.benchmarks.turns`),
+  each for ``plan.seconds``. Without, one after the other, uniform first:
+  each method then trains for the seconds that uniform run took (unless
+  the budget is in seconds), right after it, at nearly the same machine
+  speed.
+  """
+  if plan.turn:
+    cfgs = [(name, config(name, o, budget=plan.seconds))
+            for name, o in methods]
+    results = turns.take_turns(
+        [functools.partial(run_one, cfg, where[name]) for name, cfg in cfgs],
+        plan.turn)
+    return [(name, cfg, r, plan.seconds)
+            for (name, cfg), r in zip(cfgs, results)]
+  done = []
+  for name, overrides in methods:
+    # 0: this uniform run's time is the seed's budget.
+    budget = plan.seconds or (done[0][2]["train_seconds"] if done else 0.0)
+    cfg = config(name, overrides, budget=budget)
+    done.append((name, cfg, run_one(cfg, where[name]), budget))
+  return done
 
 
 def _calibrated(plan: _Plan, data_dir: str, quick: bool, seed: int,
@@ -668,7 +674,7 @@ def run(models: Sequence[str] = tuple(MODELS),
         argv: Optional[Sequence[str]] = None,
         merge: bool = False,
         repeats: Optional[Dict[str, int]] = None,
-        turn_seconds: float = 0.5) -> Dict[str, object]:
+        turn_seconds: float = TURN_SECONDS) -> Dict[str, object]:
   """Runs the benchmark; writes and returns its JSON.
 
   ``budget_epochs``, ``budget_seconds`` and ``eval_points`` map model names
