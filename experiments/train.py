@@ -404,7 +404,9 @@ class Handoff(NamedTuple):
   drains its dispatches, stops the clock and calls ``give``, which returns
   when the run may go on (the same dispatch on every process: the loop
   reads the agreed clock). A streamed source's loader threads are not
-  paused: they fill their buffers while ``give`` waits."""
+  paused: they fill their buffers while ``give`` waits. A run in a thread
+  other than the main one installs no SIGTERM handler (no save-and-stop on
+  preemption)."""
   seconds: float
   give: Callable[[], None]
 
@@ -436,7 +438,7 @@ def _train(config, run: _Run) -> Result:
                   dynamic_ncols=True, mininterval=0.5)
   step, pending, last_eval, actions = start_step, None, {}, cadence.Actions()
   give_at = math.inf if run.handoff is None else (
-      clocks.train.read() + run.handoff.seconds)
+      clocks.agreed().train_seconds + run.handoff.seconds)
   try:
     with clocks:
       if start_step == 0 and config.get("eval_at_start", True):

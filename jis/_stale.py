@@ -54,7 +54,8 @@ class ScoreTable(NamedTuple):
       stale scores, the examples without a valid score (``scored`` False)
       filled in.
     write: ``(table, indices [n], scores [n], step) -> table``; of an index
-      given more than once, the largest of its scores is kept.
+      given more than once, the largest of its scores is kept (NaN if one
+      of them is NaN: a lookup then falls back, as for any NaN score).
     num_examples: ``N``, the table's size.
     lookahead: whether a step trains on the draw the previous step made
       (:func:`stale_scores`): True, False, or None where it can.

@@ -511,7 +511,14 @@ def test_the_report_says_how_each_model_got_its_budget():
   assert "One method after the other (Reuters MLP): seed by seed" in rule
   assert "(12 epochs)" in report.four_model_table(r)
   r["models"]["reuters_mlp"]["turn_seconds"] = 1.0
-  assert "One method after the other" not in report._budget_rule(r)
+  rule = report._budget_rule(r)
+  assert "One method after the other" not in rule
+  # Reuters' budget was given in seconds: no calibration run to name.
+  assert ("in one calibration run that is not counted, or given in seconds "
+          "(Reuters MLP)") in rule
+  assert report._budget_phrase(r).startswith("in seconds; ")
+  r["models"]["reuters_mlp"]["calibration"] = {"epochs": 10.0}
+  assert report._budget_phrase(r).startswith("uniform's time for its epochs")
 
 
 def _part(command, models):

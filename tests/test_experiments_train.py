@@ -227,8 +227,10 @@ def test_two_runs_taking_turns_train_as_each_alone(fake_data, tmp_path):
 
   def body(score):
     def run(handoff):
+      # Each handover waits 0.2 s: off the training clock.
       counted = train.Handoff(
-          1e-9, lambda: (gives.append(score), handoff.give()))
+          1e-9, lambda: (gives.append(score), time.sleep(0.2),
+                         handoff.give()))
       return train.train_and_evaluate(config(score),
                                       str(tmp_path / f"turns_{score}"),
                                       counted)
@@ -240,3 +242,5 @@ def test_two_runs_taking_turns_train_as_each_alone(fake_data, tmp_path):
   for a, b in zip(alone, both):
     assert a.step == b.step == 12
     assert_same_state(a.state.inner.params, b.state.inner.params)
+    # Five handovers of 0.2 s, and the other run's turns, are not training.
+    assert b.train_seconds < 0.5

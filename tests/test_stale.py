@@ -97,6 +97,11 @@ def test_write_keeps_the_largest_of_duplicates_and_lookup_fills_the_unscored():
   # Indices out of range are dropped.
   dropped = table.write(state, jnp.array([6, 0]), jnp.array([5.0, 4.0]), 9)
   np.testing.assert_array_equal(dropped.scores, [4, 2, 6, 1, 9, 3])
+  # A NaN among an index's scores is kept, in either order (a lookup that
+  # reads it then makes the step fall back, as for any NaN score).
+  for order in ([0.5, np.nan], [np.nan, 0.5]):
+    nan = table.write(state, jnp.array([3, 3]), jnp.array(order), 9)
+    assert np.isnan(nan.scores[3])
   scores, scored = table.lookup(table.init(), jnp.array([0, 3]), 0)
   np.testing.assert_array_equal(scores, [1.0, 1.0])   # nothing scored: uniform
   assert not np.any(scored)

@@ -301,7 +301,9 @@ def spikes(curve: List[Dict[str, float]], factor: float = SPIKE_FACTOR,
 
 def run_one(config, workdir: str, handoff=None) -> Dict[str, object]:
   """Trains one run from scratch; returns its curves and metrics.
-  ``handoff``: an ``experiments.train.Handoff`` (runs that take turns)."""
+  ``handoff``: an ``experiments.train.Handoff`` (runs that take turns; its
+  ``wall_seconds`` and ``steal_fraction`` then cover the other runs' turns
+  too)."""
   from experiments import metric_writer  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
   if os.path.exists(workdir):

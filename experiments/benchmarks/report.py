@@ -179,11 +179,16 @@ def _turns_rule(r) -> str:
   if not turns:
     return ""
   each = ", ".join(f"{t} {e['turn_seconds']:g} s" for t, e in turns.items())
+  given = [t for t, e in turns.items() if "calibration" not in e]
+  budget = ("uniform's training time for its epochs in one calibration run "
+            "that is not counted")
+  if given:
+    budget = (f"given in seconds ({', '.join(given)})" if len(given) == len(
+        turns) else budget + f", or given in seconds ({', '.join(given)})")
   return ("A seed's methods train at once, taking turns on the machine "
           f"({each} of training per turn), so that the methods compared meet "
           "the same machine speed; each runs for the model's budget in "
-          "seconds, uniform's training time for its epochs in one "
-          "calibration run that is not counted. ")
+          f"seconds, {budget}. ")
 
 
 def _budget_rule(r) -> str:
@@ -201,8 +206,10 @@ def _budget_phrase(r) -> str:
   """The budget rule in a few words, for the README's block."""
   turns = [e for e in r["models"].values() if e.get("turn_seconds")]
   if len(turns) == len(r["models"]):
-    return ("uniform's time for its epochs; a seed's methods train at once, "
-            "taking turns on the machine")
+    budget = ("uniform's time for its epochs" if all(
+        "calibration" in e for e in turns) else "in seconds")
+    return (f"{budget}; a seed's methods train at once, taking turns on the "
+            "machine")
   return ("uniform's time for its epochs, paired by seed where "
           "docs/benchmarks.md says so")
 
