@@ -665,6 +665,31 @@ def _calibrated(plan: _Plan, data_dir: str, quick: bool, seed: int,
       "train_seconds": r["train_seconds"]}
 
 
+def _measure(plan: _Plan, methods, seeds, data_dir: str, quick: bool,
+             workdir: str) -> Dict[str, object]:
+  """One model's entry in the JSON: its budget, runs, summary and
+  targets. ``methods``: ``(name, overrides)`` pairs, uniform first."""
+  plan, calibration = _calibrated(plan, data_dir, quick, seeds[0], workdir)
+  runs, fields, info = _train_model(plan, methods, seeds, data_dir, quick,
+                                    workdir)
+  budget = plan.seconds or statistics.median(
+      r["train_seconds"] for r in runs["uniform"])
+  summary = summarize_model(runs, budget)
+  return {
+      "title": KNOWN[plan.model].title,
+      "config": f"experiments/configs/{plan.model}.py",
+      "budget_seconds": budget,
+      "budget_epochs_uniform": None if plan.seconds else plan.epochs,
+      "eval_points": plan.points, "repeats": plan.repeats,
+      "turn_seconds": plan.turn,
+      **({"calibration": calibration} if calibration else {}), **info,
+      "sampler_fields": fields,
+      "summary": summary,
+      "targets": model_targets(plan.model, summary),
+      "runs": [r for name, _ in methods for r in runs[name]],
+  }
+
+
 def run(models: Sequence[str] = tuple(MODELS),
         methods: Sequence[str] = DEFAULT_METHODS, seeds: int = 3,
         budget_epochs: Optional[Dict[str, float]] = None,
@@ -735,28 +760,11 @@ def run(models: Sequence[str] = tuple(MODELS),
                     repeats, turn_seconds)
            for m in models}   # checked before any training
   for model, plan in plans.items():
-    plan, calibration = _calibrated(plan, data_dir, quick, first_seed,
-                                    workdir)
-    runs, fields, info = _train_model(
-        plan, [(m, all_methods[m]) for m in order],
-        range(first_seed, first_seed + seeds), data_dir, quick, workdir)
-    budget = plan.seconds or statistics.median(
-        r["train_seconds"] for r in runs["uniform"])
-    summary = summarize_model(runs, budget)
     result["models"][model] = {
-        "title": KNOWN[model].title,
-        "config": f"experiments/configs/{model}.py",
-        "run": {**part, "load_end": common.load_average()},
-        "budget_seconds": budget,
-        "budget_epochs_uniform": None if plan.seconds else plan.epochs,
-        "eval_points": plan.points, "repeats": plan.repeats,
-        "turn_seconds": plan.turn,
-        **({"calibration": calibration} if calibration else {}), **info,
-        "sampler_fields": fields,
-        "summary": summary,
-        "targets": model_targets(model, summary),
-        "runs": [r for m in order for r in runs[m]],
-    }
+        **_measure(plan, [(m, all_methods[m]) for m in order],
+                   range(first_seed, first_seed + seeds), data_dir, quick,
+                   workdir),
+        "run": {**part, "load_end": common.load_average()}}
     print(render(model, result["models"][model]), flush=True)
     # Written after every model, so a long run cut short keeps what it has.
     result["targets"] = targets({m: e["targets"]
