@@ -224,24 +224,22 @@ def _sequential_rule(models: Dict, after_turns: bool) -> str:
   median = ("each model's budget is uniform's training time for its epochs "
             "(median over seeds); every other method trains that many "
             "seconds.")
-  rule = ""
+  pairing = ("seed by seed, uniform trains for the model's epochs and every "
+             "other method then trains on the same seed for that run's time, "
+             "each read at its own budget, so the methods compared meet "
+             "nearly the same machine speed; the budget shown is the median "
+             "over seeds.")
+  capitalized = lambda text: text[0].upper() + text[1:]
+  parts = []
   if paired:
-    rule = ("seed by seed, uniform trains for the model's epochs and every "
-            "other method then trains on the same seed for that run's time, "
-            "each read at its own budget, so the methods compared meet "
-            "nearly the same machine speed; the budget shown is the median "
-            "over seeds.")
-    if after_turns:
-      rule = f"One method after the other ({', '.join(paired)}): " + rule
-    else:
-      rule = rule[0].upper() + rule[1:]
-  if others:
+    parts.append(f"One method after the other ({', '.join(paired)}): "
+                 + pairing if after_turns else capitalized(pairing))
+  if others and (paired or after_turns):
     before = "before that rule" if paired else "one method after the other"
-    if paired or after_turns:
-      rule += f" Measured {before} ({', '.join(others)}): " + median
-    else:
-      rule = median[0].upper() + median[1:]
-  return rule.strip()
+    parts.append(f"Measured {before} ({', '.join(others)}): " + median)
+  elif others:
+    parts.append(capitalized(median))
+  return " ".join(parts)
 
 
 def four_model_table(r: Optional[Dict], method: str = "default") -> str:
