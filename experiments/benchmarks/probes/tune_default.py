@@ -42,6 +42,7 @@ MODELS = {
     "mlp": ("mnist_mlp", {}),
     "fmlp": ("fashion_mnist_mlp", {}),
     "noisy_mlp": ("mnist_mlp", {"label_noise": 0.2}),
+    "noisy_fmlp": ("fashion_mnist_mlp", {"label_noise": 0.2}),
     "cnn": ("mnist_cnn", {}),
     "reuters": ("reuters_mlp", {}),
     "imdb": ("imdb_fasttext", {}),
