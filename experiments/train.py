@@ -8,8 +8,9 @@ One run trains a model with ``jis.importance_step`` (uniform training is
   Training lines hold ``step``, ``epoch`` (updates · batch size / training
   examples), ``train_seconds`` (the training clock: compilation, evaluation,
   logging and checkpointing excluded), the train-batch ``train/loss`` and
-  ``train/accuracy`` (weighted by the importance weights, so unbiased for the
-  presample) and the jis ``is/`` metrics, each averaged over the steps since
+  ``train/accuracy`` (weighted by the importance weights: unbiased for the
+  presample with ``policy=jis.importance_sampling()``, a hard-example-weighted
+  estimate under the default ``k = 0.5`` policy) and the jis ``is/`` metrics, each averaged over the steps since
   the previous dispatch. Evaluation lines add ``eval/test_loss``,
   ``eval/test_accuracy``, ``eval/train_loss`` and ``eval/train_accuracy``, in
   inference mode (:mod:`experiments.evaluation`);

@@ -202,8 +202,9 @@ class ImportanceSampler(nnx.Pytree):
     train_step: ``(*objects, batch, weights [b]) -> metrics dict or None``,
       your NNX step (plain or ``nnx.jit``-decorated) with per-example loss
       weights, updating the objects in place. A metrics dict may hold the
-      trained examples' logits under ``jis.LOGITS_KEY`` (``"is/logits"``) so
-      that uniform steps keep τ current without a forward pass.
+      trained examples' logits under ``jis.LOGITS_KEY`` (``"is/logits"``):
+      a score table or a policy that observes uniform steps then scores the
+      trained examples without a forward pass (unused otherwise).
     logits_fn: ``(model, batch) -> logits [n, ...]``, the forward pass in
       inference mode (``nnx.view(model, deterministic=True,
       use_running_average=True)``); ``model`` is the first object passed to

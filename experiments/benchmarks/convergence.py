@@ -42,7 +42,8 @@ budget is the median over seeds.
 
 The full run writes ``docs/benchmarks/results/convergence.json``, which
 ``experiments.benchmarks.report`` turns into docs/benchmarks.md and the
-README's table. Methods (``--methods``, default ``uniform,default``) are
+README's table. Methods (``--methods``, default
+``uniform,default,no_scoring_pass``) are
 named sets of ``jis.importance_step`` options (:data:`METHODS`; ``--add_method
 NAME=JSON`` adds one): ``default`` passes none, so it measures whatever
 ``jis.importance_step(train_step, logits_fn, batch_size=b)`` does.

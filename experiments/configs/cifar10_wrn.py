@@ -6,7 +6,8 @@ divided by 5 after 20k and 40k steps, weight decay 5e-4, b = 128 for 50k
 steps; ZCA-whitened inputs with random translations (up to 4 pixels) and
 horizontal flips, applied on device. Importance sampling scores a presample of
 B = 640 (presample 5) with the upper bound and switches itself on when the
-estimated variance reduction exceeds eq. 29's threshold.
+estimated variance reduction exceeds the default threshold 1 + 2B/(3b)
+(4.33 at presample 5).
 
 CIFAR is not in ../shared/data; online it loads through tensorflow-datasets,
 offline put cifar-10-python.tar.gz (the "python version") in <data_dir>/cifar10/.

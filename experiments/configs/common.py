@@ -34,7 +34,8 @@ def sampler() -> ml_collections.ConfigDict:
       "score": "",
       "presample": 3.0,              # B / b
       "loss": "softmax_cross_entropy",
-      # None: eq. 29 of the paper, (B + 3b) / (3b); 0.0 always; inf never.
+      # None: jis's default, 1 + 2B/(3b) (eq. 29 with the scoring pass
+      # counted twice); 0.0 always; inf never.
       "tau_threshold": config_dict.placeholder(float),
       "tau_momentum": config_dict.placeholder(float),   # None: 0.9
       # "" is jis's default, importance_sampling(k=0.5, max_weight=100.0)

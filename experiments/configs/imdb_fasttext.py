@@ -20,7 +20,8 @@ Expected: about 88-89% test accuracy after 5 epochs (the original library's
 examples page: 88.55% uniform, 88.90% importance sampling). Measured on 2
 shared cores of an Intel Xeon (CPU, jax 0.10.2): uniform 88.60% (training loss
 0.115, 17.5 s), importance sampling 88.42% (0.118, 18.6 s; 17% of the steps
-resampled).
+resampled). That was an earlier default (eq. 29's threshold); today's,
+1 + 2B/(3b), stays off but for its probes (README Results).
 """
 
 from experiments.configs import common
