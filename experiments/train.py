@@ -10,9 +10,10 @@ One run trains a model with ``jis.importance_step`` (uniform training is
   logging and checkpointing excluded), the train-batch ``train/loss`` and
   ``train/accuracy`` (weighted by the importance weights: unbiased for the
   presample with ``policy=jis.importance_sampling()``, a hard-example-weighted
-  estimate under the default ``k = 0.5`` policy) and the jis ``is/`` metrics, each averaged over the steps since
-  the previous dispatch. Evaluation lines add ``eval/test_loss``,
-  ``eval/test_accuracy``, ``eval/train_loss`` and ``eval/train_accuracy``, in
+  estimate under the default ``k = 0.5`` policy) and the jis ``is/``
+  metrics, each averaged over the steps since the previous dispatch.
+  Evaluation lines add ``eval/test_loss``, ``eval/test_accuracy``,
+  ``eval/train_loss`` and ``eval/train_accuracy``, in
   inference mode (:mod:`experiments.evaluation`);
 - ``checkpoints/``: orbax checkpoints of the whole jis state and the data
   position, periodic and at the end (:mod:`experiments.checkpoints`). A

@@ -14,11 +14,11 @@ Launch (offline data in ../shared/data; online, drop the data_dir flag):
       --out fashion_mnist_mlp.png
 
 Expected: about 88-89% test accuracy after 10 epochs. Over those 10 epochs
-τ stays under the default threshold, 1 + 2B/(3b) (3 at presample 3), so the default trains
-uniformly (0.98-1.05x uniform's training loss, 2-core AMD EPYC, 2026-12-04);
-over 90 s of training (about 86 epochs) it switches on for 7-16% of the
-steps and ends at about half uniform's training loss, +0.13 points of test
-accuracy (docs/performance_notes.md, sections 22-23).
+τ stays under the default threshold, 1 + 2B/(3b) (3 at presample 3), so the
+default trains uniformly (0.98-1.05x uniform's training loss, 2-core AMD
+EPYC, 2026-12-04); over 90 s of training (about 86 epochs) it switches on
+for 7-16% of the steps and ends at about half uniform's training loss,
++0.13 points of test accuracy (docs/performance_notes.md, sections 22-23).
 """
 
 from experiments.configs import common

@@ -19,9 +19,10 @@ Expected: about 79-80% test accuracy after 5 epochs (Keras's example: 79-80%).
 Measured on 2 shared cores of an Intel Xeon (CPU, jax 0.10.2): uniform 79.79%
 (training loss 0.209, 3.3 s), importance sampling 80.05% (0.213, 3.9 s); τ
 passed the threshold late, so only 10% of the steps resampled. That was an
-earlier default (eq. 29's threshold); today's, 1 + 2B/(3b), stays off over
-5 to 10 epochs but for its probes, and switches on at about 9 epochs
-(README Results; docs/performance_notes.md, sections 21 and 23).
+earlier default (eq. 29's threshold). Today's, 1 + 2B/(3b), stays off but
+for its probes until τ crosses it at about 9 epochs (IS on 0-1% of the
+steps over 10 epochs, a quarter over 30; README Results and
+docs/performance_notes.md, sections 21 and 23).
 """
 
 from experiments.configs import common
