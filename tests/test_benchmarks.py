@@ -753,8 +753,14 @@ def test_methods_taking_turns_train_for_a_calibrated_budget(
   assert entry["calibration"] == {"epochs": 10.0, "seed": 3, "steps": 20,
                                   "train_seconds": 7.5}
   assert all(r["budget_seconds"] == 7.5 for r in entry["runs"])
-  assert "methods in turns of 0.25 s" in convergence.render(
-      "reuters_mlp", entry)
+  assert ("methods in turns of 0.25 s (uniform reached 2.0 epochs, median)"
+          in convergence.render("reuters_mlp", entry))
+  # The epochs uniform's runs reached, whatever the other methods reached.
+  runs = [{"method": m, "curve": _curve([0, 1], [1.0, 0.5], epochs=[0, e])}
+          for m, e in [("uniform", 3.0), ("default", 9.0), ("uniform", 5.0),
+                       ("uniform", 4.0)]]
+  assert convergence.uniform_epochs({"runs": runs}) == 4.0
+  assert convergence.uniform_epochs({"runs": runs[1:2]}) is None
   with pytest.raises(ValueError, match="turn_seconds"):
     convergence.run(models=["reuters_mlp"], methods=["uniform"], seeds=1,
                     turn_seconds=-1.0, out=out, workdir=str(tmp_path),

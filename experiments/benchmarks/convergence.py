@@ -834,14 +834,27 @@ def render(model: str, entry: Dict[str, object]) -> str:
     })
   epochs = entry.get("budget_epochs_uniform")
   turn = entry.get("turn_seconds")
+  reached = uniform_epochs(entry) if turn else None
   return (f"\n{entry.get('title', model)} ({model}): budget "
           f"{fmt_seconds(entry['budget_seconds'])} of training"
           f"{f' (uniform, {epochs:g} epochs)' if epochs else ''}"
-          f"{f', methods in turns of {turn:g} s' if turn else ''}; uniform's "
+          f"{f', methods in turns of {turn:g} s' if turn else ''}"
+          f"{f' (uniform reached {reached:.1f} epochs, median)' if reached else ''}"
+          f"; uniform's "
           f"final train loss {s['uniform_final_train_loss']:.4f}, test "
           f"accuracy {s['uniform_final_test_accuracy']:.2%}"
           f"{fmt_steal(s['methods'].values())}\n\n"
           + common.table(rows, list(rows[0])))
+
+
+def uniform_epochs(entry: Dict[str, object]) -> Optional[float]:
+  """The median over uniform's runs of the epochs each reached at the
+  budget: in turns the budget is a calibration run's time, which a machine
+  slower or faster at that moment makes more or fewer epochs than it names.
+  None without uniform runs."""
+  reached = [r["curve"][-1]["epoch"] for r in entry.get("runs", [])
+             if r.get("method") == "uniform" and r.get("curve")]
+  return statistics.median(reached) if reached else None
 
 
 def fmt_steal(methods) -> str:
