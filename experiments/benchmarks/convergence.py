@@ -832,15 +832,17 @@ def render(model: str, entry: Dict[str, object]) -> str:
         "max weight (max / mean)": fmt_weight(m["max_weight"]),
         "spikes (worst rise)": fmt_spikes(m["spikes"]),
     })
+  budget = f"budget {fmt_seconds(entry['budget_seconds'])} of training"
   epochs = entry.get("budget_epochs_uniform")
+  if epochs:
+    budget += f" (uniform, {epochs:g} epochs)"
   turn = entry.get("turn_seconds")
-  reached = uniform_epochs(entry) if turn else None
-  return (f"\n{entry.get('title', model)} ({model}): budget "
-          f"{fmt_seconds(entry['budget_seconds'])} of training"
-          f"{f' (uniform, {epochs:g} epochs)' if epochs else ''}"
-          f"{f', methods in turns of {turn:g} s' if turn else ''}"
-          f"{f' (uniform reached {reached:.1f} epochs, median)' if reached else ''}"
-          f"; uniform's "
+  if turn:
+    budget += f", methods in turns of {turn:g} s"
+    reached = uniform_epochs(entry)
+    if reached:
+      budget += f" (uniform reached {reached:.1f} epochs, median)"
+  return (f"\n{entry.get('title', model)} ({model}): {budget}; uniform's "
           f"final train loss {s['uniform_final_train_loss']:.4f}, test "
           f"accuracy {s['uniform_final_test_accuracy']:.2%}"
           f"{fmt_steal(s['methods'].values())}\n\n"

@@ -2,10 +2,11 @@
 
 A shared 2-core machine's speed differs by 10-25 % between two runs a few
 seconds apart (and by 2x over minutes at worst), so two training runs timed
-one after the other compare the machine as much as the methods. :func:`take_turns` runs them at once instead, one at
-a time: each trains for a slice of its own training clock, then hands the
-machine to the next (:class:`experiments.train.Handoff`), round and round
-until each has spent its budget. Over a slice of a second both meet the same
+one after the other compare the machine as much as the methods.
+:func:`take_turns` runs them at once instead, one at a time: each trains
+for a slice of its own training clock, then hands the machine to the next
+(:class:`experiments.train.Handoff`), round and round until each has spent
+its budget. Over a slice of a second both meet the same
 machine, and each run's clock still counts only its own training.
 
   >>> from experiments.benchmarks import turns
