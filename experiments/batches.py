@@ -14,8 +14,10 @@ training loop sees one interface:
   steps from ``step`` (``state``, the jis state before them, is read only by
   a loader whose epochs depend on it), and ``probe(n)`` its shape, to compile
   the program before the clock starts;
-- ``take(carry, fed, i)``, inside ``jit``: the ``i``-th presample of the chunk
-  (with its dataset ``index``, for ``jis.stale_scores``) and the new carry;
+- ``take(carry, fed, i, state)``, inside ``jit``: the ``i``-th presample of
+  the chunk (with its dataset ``index``, for ``jis.stale_scores``) and the
+  new carry (``state``, the jis state before the step, is read only by an
+  on-device source whose epochs depend on it);
 - ``position(carry)``: the data position to checkpoint, JSON (the source
   starts from it when a run resumes);
 - ``device_split``: the training split on the devices, or None.
@@ -98,8 +100,9 @@ class OnDevice:
     del n
     return self._split
 
-  def take(self, carry: Position, fed: Split, i) -> Tuple[dict, Position]:
-    del i
+  def take(self, carry: Position, fed: Split, i, state=None
+           ) -> Tuple[dict, Position]:
+    del i, state
     epoch, start = input_pipeline.advance(carry.epoch, carry.offset, self._n,
                                           self._size)
     perm = jax.lax.cond(
@@ -130,6 +133,85 @@ class OnDevice:
 
   def close(self) -> None:
     pass
+
+
+class PrunedPosition(struct.PyTreeNode):
+  """The next presample starts at ``offset`` of data epoch ``epoch``, whose
+  order is ``perm``, the ``size`` kept examples first, each example weighing
+  ``weights[index]``. Drawn from the score table when the epoch began, so
+  checkpointed: as the examples then below the mean (``N`` bits)."""
+  epoch: jax.Array
+  offset: jax.Array
+  perm: jax.Array
+  weights: jax.Array
+  size: jax.Array
+
+
+class PrunedOnDevice(OnDevice):
+  """InfoBatch epochs on the device: :class:`OnDevice`, each data epoch drawn
+  inside the program by :func:`jis.infobatch_order` from the score table in
+  the jis state when the epoch begins (the first epoch, with nothing scored,
+  and those beginning at or after ``anneal_step`` keep every example). A
+  step trains on the next ``size`` rows of the kept examples, with their
+  weights under ``batch["weight"]``, so it costs what a uniform step costs;
+  the step (:func:`experiments.sampling.infobatch_loader_step`) keeps the
+  table current from the losses of the examples it trains on.
+  """
+
+  kind = "device:infobatch"
+
+  def __init__(self, split, key: jax.Array, size: int,
+               placement: placement_lib.Placement,
+               position: Optional[Dict[str, Any]],
+               prepare: Optional[Callable[[Any], Any]] = None, *,
+               prune: float, anneal_step: Optional[int]):
+    super().__init__(split, key, size, placement, position, prepare)
+    self._prune, self._anneal_step = float(prune), anneal_step
+    below_mean = (pruning.unpack(position["below_mean"], self._n)
+                  if position else np.zeros(self._n, bool))
+    start = self._start
+    perm, weights, kept = jax.jit(self._redraw)(start.epoch, below_mean)
+    self._start = jax.device_put(
+        PrunedPosition(epoch=start.epoch, offset=start.offset, perm=perm,
+                       weights=weights, size=kept), placement.replicated)
+
+  def _draw(self, epoch, scores, scored, anneal=False):
+    return jis.infobatch_order(jax.random.fold_in(self._split.key, epoch),
+                               scores, scored, prune=self._prune,
+                               anneal=anneal)
+
+  def _redraw(self, epoch, below_mean):
+    """Epoch ``epoch`` again, from the examples that were below the mean."""
+    return self._draw(epoch, jnp.where(below_mean, 0.0, 1.0), None)
+
+  def take(self, carry: PrunedPosition, fed: Split, i, state=None
+           ) -> Tuple[Any, PrunedPosition]:
+    del i
+    new = carry.offset + self._size > carry.size
+    epoch = jnp.where(new, carry.epoch + 1, carry.epoch)
+    start = jnp.where(new, 0, carry.offset)
+    anneal = (False if self._anneal_step is None
+              else state.step >= self._anneal_step)
+    perm, weights, kept = jax.lax.cond(
+        new,
+        lambda: self._draw(epoch, state.table.scores,
+                           state.table.scored_at >= 0, anneal),
+        lambda: (carry.perm, carry.weights, carry.size))
+    idx = jax.lax.dynamic_slice_in_dim(perm, start, self._size)
+    position = PrunedPosition(epoch=epoch, offset=start + self._size,
+                              perm=perm, weights=weights, size=kept)
+    if fed.prepared is not None:
+      return jis.Indexed({**fed.prepared, "weight": weights}, idx), position
+    batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), fed.data)
+    return {**batch, "index": idx, "weight": weights[idx]}, position
+
+  def position(self, carry: PrunedPosition) -> Dict[str, Any]:
+    perm, weights, kept = (np.asarray(placement_lib.fetch_replicated(x))
+                           for x in (carry.perm, carry.weights, carry.size))
+    below_mean = np.ones(self._n, bool)
+    below_mean[perm[:kept]] = weights[perm[:kept]] != 1.0
+    return {**super().position(carry),
+            "below_mean": pruning.pack(below_mean)}
 
 
 class Shuffled:
@@ -276,7 +358,8 @@ class Streamed:
                                     sharding=sharding)
             for k, shape in self._shapes.items()}
 
-  def take(self, carry: tuple, fed, i) -> Tuple[dict, tuple]:
+  def take(self, carry: tuple, fed, i, state=None) -> Tuple[dict, tuple]:
+    del state
     return jax.tree.map(lambda x: x[i], fed), carry
 
   def consumed(self, carry: tuple, rows) -> tuple:
@@ -320,6 +403,12 @@ def create(config, split, key: jax.Array, size: int,
   ``prepare``: the split's preprocessing, when it can run once (on one
   device, without augmentation); on-device presamples are then
   ``jis.Indexed`` into its result."""
+  if config.data_on_device and pruning.method(config) == "infobatch":
+    return PrunedOnDevice(
+        split, key, size, placement, position,
+        prepare if placement.mesh is None else None,
+        prune=config.pruning.prune,
+        anneal_step=pruning.anneal_step(config, steps_per_epoch))
   if config.data_on_device:
     return OnDevice(split, key, size, placement, position,
                     prepare if placement.mesh is None else None)

@@ -1,6 +1,9 @@
-"""InfoBatch in the loader: streamed epochs that skip the pruned examples.
+"""InfoBatch in the loader: epochs that skip the pruned examples.
 
-With ``--config.pruning.method=infobatch`` and streamed data
+With ``--config.pruning.method=infobatch`` and the data on the device, each
+data epoch is drawn inside the program by :func:`jis.infobatch_order` from
+the table in the jis state when the epoch begins
+(:class:`experiments.batches.PrunedOnDevice`). With streamed data
 (``--config.data_on_device=False``), every data epoch is drawn by
 :func:`jis.infobatch_epoch` from the score table the jis state carries:
 examples whose latest loss is below the mean are dropped with probability
@@ -50,13 +53,6 @@ def check(config) -> None:
                      f"{', '.join(repr(m) for m in METHODS)}; got {name!r}.")
   if not name:
     return
-  if config.data_on_device:
-    raise ValueError(
-        "config.pruning.method=infobatch prunes examples before they are "
-        "loaded, which only streamed data does: set "
-        "--config.data_on_device=False (or, with the data on the device, "
-        "prune inside the step: --config.sampler.policy=infobatch "
-        "--config.sampler.score_table=stale_scores).")
   prune = config.pruning.prune
   if not 0.0 <= prune < 1.0:
     raise ValueError(f"config.pruning.prune={prune} must lie in [0, 1): the "
@@ -81,11 +77,11 @@ def anneal_step(config, steps_per_epoch: float) -> Optional[int]:
   return int(math.ceil((1.0 - fraction) * stop))
 
 
-def _pack(mask: np.ndarray) -> str:
+def pack(mask: np.ndarray) -> str:
   return base64.b64encode(np.packbits(mask).tobytes()).decode("ascii")
 
 
-def _unpack(text: str, n: int) -> np.ndarray:
+def unpack(text: str, n: int) -> np.ndarray:
   bits = np.frombuffer(base64.b64decode(text), np.uint8)
   return np.unpackbits(bits, count=n).astype(bool)
 
@@ -133,9 +129,9 @@ class InfoBatchEpochs:
     return input_pipeline.Epoch(order, weights)
 
   def save(self, epochs: List[input_pipeline.Epoch]) -> Dict[str, Any]:
-    return {"below_mean": [_pack(self.below_mean(e)) for e in epochs]}
+    return {"below_mean": [pack(self.below_mean(e)) for e in epochs]}
 
   def restore(self, epoch: int, saved: Dict[str, Any]
               ) -> List[input_pipeline.Epoch]:
-    return [self.redraw(epoch + i, _unpack(text, self._n))
+    return [self.redraw(epoch + i, unpack(text, self._n))
             for i, text in enumerate(saved["below_mean"])]

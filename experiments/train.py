@@ -213,7 +213,7 @@ def train_chunk(loop: Loop, fed, statistics, aug_key, *, num_steps: int,
   """
   def one(loop: Loop, i):
     step = loop.jis.step
-    batch, data = source.take(loop.data, fed, i)
+    batch, data = source.take(loop.data, fed, i, loop.jis)
     if not isinstance(batch, jis.Indexed):   # rows, preprocessed here
       batch = placement.constrain(preprocess(
           batch, statistics, jax.random.fold_in(aug_key, step), True))

@@ -32,6 +32,7 @@ from jis._policies import uniform
 from jis._precision import low_precision
 from jis._pruning import infobatch
 from jis._pruning import infobatch_epoch
+from jis._pruning import infobatch_order
 from jis._scores import Score
 from jis._selective_backprop import selective_backprop
 from jis._sharding import shard_presample

@@ -195,8 +195,120 @@ def test_a_checkpoint_of_the_other_source_is_refused():
                       "iterator": {"next_index": 1}})
 
 
+class _Device(NamedTuple):
+  """The jis state as :class:`batches.PrunedOnDevice` reads it."""
+  step: jax.Array
+  table: _Table
+
+
+def _device_source(position=None, n=N):
+  split = {"input": np.arange(n, dtype=np.float32)[:, None],
+           "label": np.arange(n, dtype=np.int32)}
+  return batches.PrunedOnDevice(
+      split, jax.random.PRNGKey(SEED), B,
+      placement_lib.Placement(None, jax.devices()[0]), position,
+      prune=PRUNE, anneal_step=ANNEAL)
+
+
+def _drive_device(source, carry, start: int, stop: int):
+  """What the training loop takes from ``start`` to ``stop``, the table
+  changing every step (``_state_at``)."""
+  take = jax.jit(lambda c, fed, state: source.take(c, fed, 0, state))
+  read = []
+  for step in range(start, stop):
+    table = _state_at(step).table
+    state = _Device(jax.numpy.int32(step), _Table(table.scores,
+                                                  table.scored_at))
+    batch, carry = take(carry, source.next_input(step, 1, None), state)
+    read.append((np.asarray(batch["index"]), np.asarray(batch["weight"])))
+  return read, carry
+
+
+def test_on_device_epochs_are_infobatch_orders_of_the_table_at_their_start():
+  source = _device_source()
+  read, _ = _drive_device(source, source.carry(), 0, 70)
+  # The reference: epoch e begins at step s_e and is jis.infobatch_order of
+  # the table in the state at s_e (epoch 0: nothing scored, every example).
+  step, epoch, lengths = 0, 0, []
+  key = jax.random.PRNGKey(SEED)
+  while step < 70:
+    table = _state_at(step).table
+    scored = (table.scored_at >= 0) & (epoch > 0)
+    order, weights, size = jax.device_get(jis.infobatch_order(
+        jax.random.fold_in(key, epoch), table.scores, scored, prune=PRUNE,
+        anneal=step >= ANNEAL))
+    steps = int(size) // B
+    for j in range(min(steps, 70 - step)):
+      index, weight = read[step + j]
+      np.testing.assert_array_equal(index, order[j * B:(j + 1) * B])
+      np.testing.assert_array_equal(weight, weights[index])
+    # The pruned examples are not trained on in this epoch.
+    taken = np.concatenate([r[0] for r in read[step:step + steps]])
+    assert not np.isin(order[size:], taken).any()
+    lengths.append(steps)
+    step, epoch = step + steps, epoch + 1
+  assert lengths[0] == N // B and lengths[-1] == N // B   # unpruned, annealed
+  assert min(lengths) < N // B
+
+
+def test_an_on_device_source_resumed_reads_what_the_whole_run_reads():
+  whole_source = _device_source()
+  whole, _ = _drive_device(whole_source, whole_source.carry(), 0, 60)
+  for stop in (1, 9, 10, 11, 17, 25, 33, 49):
+    first = _device_source()
+    head, carry = _drive_device(first, first.carry(), 0, stop)
+    position = json.loads(json.dumps(first.position(carry)))
+    resumed = _device_source(position)
+    tail, _ = _drive_device(resumed, resumed.carry(), stop, 60)
+    for (i, w), (i2, w2) in zip(head + tail, whole):
+      np.testing.assert_array_equal(i, i2, err_msg=f"resumed at {stop}")
+      np.testing.assert_array_equal(w, w2, err_msg=f"resumed at {stop}")
+
+
+def test_an_on_device_pruned_training_run_resumes_bit_exact(fake_data,
+                                                            tmp_path):
+  def config(steps):
+    return tiny_config(fake_data, num_steps=steps, data_on_device=True,
+                       **{"pruning.method": "infobatch",
+                          "pruning.anneal_fraction": 0.0})
+  whole = train.train_and_evaluate(config(30), str(tmp_path / "whole"))
+  train.train_and_evaluate(config(22), str(tmp_path / "split"))
+  resumed = train.train_and_evaluate(config(30), str(tmp_path / "split"))
+  for x, y in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state)):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "whole" / "checkpoints"), 2)
+  _, meta = ckpt.restore(30, {"jis": whole.state})
+  ckpt.close()
+  data = meta["data"]
+  assert data["source"] == "device:infobatch" and meta["presample_size"] == 8
+  assert data["epoch"] >= 1
+  below = pruning.unpack(data["below_mean"], 160)
+  assert 0 < below.sum() < 160   # epoch 1 had examples below the mean
+
+
+def test_on_device_pruning_over_eight_devices_matches_one(fake_data, tmp_path):
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices (conftest.py asks XLA for 8 CPU devices)")
+  def run(devices):
+    return train.train_and_evaluate(
+        tiny_config(fake_data, num_steps=26, data_on_device=True,
+                    num_devices=devices,
+                    **{"pruning.method": "infobatch",
+                       "pruning.anneal_fraction": 0.0}),
+        str(tmp_path / str(devices)))
+  one, eight = run(1), run(8)
+  # Steps 20-25 train on the pruned epoch 1, drawn from the table of each.
+  for x, y in zip(jax.tree.leaves(one.state.inner.params),
+                  jax.tree.leaves(eight.state.inner.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
+                               atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(one.state.table.scored_at),
+                                np.asarray(eight.state.table.scored_at))
+
+
 @pytest.mark.parametrize("override, match", [
-    ({"pruning.method": "infobatch"}, "data_on_device=False"),
     ({"pruning.method": "infobat", "data_on_device": False}, "must be one of"),
     ({"pruning.method": "infobatch", "data_on_device": False,
       "pruning.prune": 1.0}, r"must lie in \[0, 1\)"),

@@ -158,6 +158,44 @@ def test_the_epoch_weights_are_unbiased_and_skip_pruned_examples():
   assert np.mean(lengths) == pytest.approx(50 - 0.5 * low.sum(), rel=0.01)
 
 
+def test_the_device_epoch_is_unbiased_and_puts_the_kept_first():
+  # jis.infobatch_order against the numpy reference: the below-mean set, each
+  # kept example's weight, and every example's mean weight over epochs 1.
+  scores = np.random.default_rng(1).exponential(size=50).astype(np.float32)
+  scored = np.ones(50, bool)
+  scored[:5] = False                      # never scored: always kept
+  low = scored & (scores < scores[scored].mean())
+  draw = jax.jit(jax.vmap(lambda k: jis.infobatch_order(k, scores, scored,
+                                                        prune=0.5)))
+  epochs = 4000
+  orders, weights, sizes = jax.device_get(
+      draw(jax.random.split(jax.random.key(3), epochs)))
+  total, first = np.zeros(50), np.zeros(50)
+  for order, w, size in zip(orders, weights, sizes):
+    assert sorted(order.tolist()) == list(range(50))   # a permutation
+    kept, pruned = order[:size], order[size:]
+    assert low[pruned].all()                 # only below-mean ones pruned
+    np.testing.assert_array_equal(w[kept], np.where(low[kept], 2.0, 1.0))
+    total[kept] += w[kept]
+    first[order[0]] += 1
+  mean = total / epochs
+  np.testing.assert_allclose(mean[~low], 1.0)
+  assert np.all(np.abs(mean[low] - 1.0) < 4.5 / np.sqrt(epochs))
+  assert np.mean(sizes) == pytest.approx(50 - 0.5 * low.sum(), rel=0.01)
+  # The kept ones in a random order: the first is an above-mean example
+  # with probability (its share of the kept) ≈ (50 − |low|) / E[size].
+  share = first[~low].sum() / epochs
+  expected = (~low).sum() / np.mean(sizes)
+  assert abs(share - expected) < 4.5 * np.sqrt(expected * (1 - expected) / epochs)
+
+
+def test_an_annealed_device_epoch_keeps_everything_with_weight_one():
+  order, weights, size = jis.infobatch_order(
+      jax.random.key(0), jnp.arange(10.0), prune=0.5, anneal=jnp.array(True))
+  assert int(size) == 10 and sorted(order.tolist()) == list(range(10))
+  np.testing.assert_array_equal(weights, 1.0)
+
+
 def test_an_annealed_epoch_keeps_everything_with_weight_one():
   order, weights = jis.infobatch_epoch(np.arange(10.0), prune=0.5, seed=0,
                                        anneal=True)
@@ -171,6 +209,13 @@ def test_an_annealed_epoch_keeps_everything_with_weight_one():
     (lambda: jis.infobatch_epoch(np.ones((2, 2))), "one score per example"),
     (lambda: jis.infobatch_epoch(np.ones(3), np.ones(2, bool)),
      r"scored\) must have the scores' shape"),
+    (lambda: jis.infobatch_order(jax.random.key(0), jnp.ones((2, 2))),
+     "one score per example"),
+    (lambda: jis.infobatch_order(jax.random.key(0), jnp.ones(3),
+                                 jnp.ones(2, bool)),
+     r"infobatch_order\(scored\) must have the scores' shape"),
+    (lambda: jis.infobatch_order(jax.random.key(0), jnp.ones(3), prune=1.0),
+     r"infobatch_order\(prune\)"),
 ])
 def test_bad_arguments_name_the_fix(call, match):
   with pytest.raises(ValueError, match=match):

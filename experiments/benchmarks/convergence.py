@@ -127,6 +127,12 @@ METHODS = {
     # its rows no longer wait for the table lookup and the draw.
     "no_scoring_pass": {"score_table": "stale_scores(lookahead=True)",
                         "presample": 1.5},
+    # InfoBatch's own epochs, drawn on the device from the score table
+    # (jis.infobatch_order; experiments.batches.PrunedOnDevice): a step trains
+    # on the next b kept examples with their weights, no draw in the step.
+    # Never annealed: a time budget cannot place InfoBatch's last epochs.
+    "infobatch_epochs": {"pruning": {"method": "infobatch",
+                                     "anneal_fraction": 0.0}},
     # The unbiased estimator of the paper, for comparison with the default.
     "unbiased": {"policy": "importance_sampling()"},
 }
@@ -191,7 +197,8 @@ def make_config(model: str, method: str, seed: int, data_dir: str,
 
   Every ``config.sampler`` field is cleared (jis's own defaults apply), then
   the method's overrides are set: ``sampler`` (``METHODS[method]`` by
-  default), keys of ``config.sampler`` or top-level training fields such as
+  default), keys of ``config.sampler``, ``pruning`` (a dict of
+  ``config.pruning`` fields) or top-level training fields such as
   ``learning_rate``. The loss stays when the config sets one other than
   jis's default: it is the model's, not a sampling choice.
   """
@@ -207,6 +214,8 @@ def make_config(model: str, method: str, seed: int, data_dir: str,
   for key, value in (METHODS[method] if sampler is None else sampler).items():
     if key in c.sampler:
       c.sampler[key] = value
+    elif key == "pruning":
+      c.pruning.update(value)   # experiments.pruning: the loader's InfoBatch
     elif key in c and not isinstance(c[key], ml_collections.ConfigDict):
       c[key] = value   # a training field: learning_rate, lr_schedule, ...
     else:

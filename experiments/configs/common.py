@@ -114,9 +114,11 @@ def base() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
 
   c.data_on_device = True      # False streams batches from host memory
-  # Streamed data only: "infobatch" draws each epoch with jis.infobatch_epoch
-  # from the score table, so pruned examples are never loaded
-  # (experiments/pruning.py); the sampler is then built for it.
+  # "infobatch" draws each data epoch from the score table, so pruned examples
+  # are never loaded or trained on: streamed, with jis.infobatch_epoch on the
+  # host; on the device, with jis.infobatch_order inside the program
+  # (experiments/pruning.py, experiments/batches.py); the sampler is then
+  # built for it.
   c.pruning = ml_collections.ConfigDict({
       "method": "",            # "" | infobatch
       "prune": 0.5,            # share of the below-mean examples dropped
