@@ -7,7 +7,9 @@ jis with a score table (losses from the step's ``"is/logits"``,
 ``jis.Indexed`` into the training set on device, each step training on its
 own draw (``stale_scores(n, lookahead=False)``); and the same with
 ``lookahead=True`` (each step trains on the previous step's draw, the
-default with ``jis.Indexed``). Usage:
+default with ``jis.Indexed``); and the step of InfoBatch epochs drawn by
+the loop (``pruned_epochs``: b rows with their loader weights, no draw, the
+table written; ``experiments.sampling.infobatch_loader_step``). Usage:
 
   python experiments/benchmarks/probes/no_scoring_cost.py mlp 128 1.5 15
 
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import jis
 from jis import _policies
 from jis import _pruning
+from experiments import sampling
 from experiments import train
 from experiments.benchmarks import common
 from experiments.benchmarks import step_cost as sc
@@ -135,6 +138,12 @@ def lookup_only(table, indices, step):
 
 
 fns["lookahead"] = no_scoring_pass(jis.stale_scores(n, lookahead=True))
+# The step of InfoBatch epochs drawn in the loop (jis.infobatch_order): b rows
+# with their weights, no draw, the table written from "is/logits".
+epochs = sampling.infobatch_loader_step(train.train_step, b, n)
+data["weight"] = jnp.full((n,), 2.0, jnp.float32)
+fns["pruned_epochs"] = (scanned(epochs.step, lambda d, i: rows(d, i, b)),
+                        epochs.init(state, jax.random.key(0)))
 
 if ablate:
   full = jis.stale_scores(n, lookahead=False)
