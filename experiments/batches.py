@@ -166,6 +166,12 @@ class PrunedOnDevice(OnDevice):
                prepare: Optional[Callable[[Any], Any]] = None, *,
                prune: float, anneal_step: Optional[int]):
     super().__init__(split, key, size, placement, position, prepare)
+    if (1.0 - prune) * self._n < 2 * size:
+      raise ValueError(
+          f"config.pruning.prune={prune} could leave an epoch of the "
+          f"{self._n} training examples with fewer than one presample "
+          f"({size}) kept: lower pruning.prune or batch_size (the kept "
+          "share is at least 1 − prune of the examples, in expectation).")
     self._prune, self._anneal_step = float(prune), anneal_step
     below_mean = (pruning.unpack(position["below_mean"], self._n)
                   if position else np.zeros(self._n, bool))

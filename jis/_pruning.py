@@ -143,6 +143,21 @@ def infobatch(prune: float = 0.5, anneal_step: Optional[int] = None
   return _policies.Policy(init, select)
 
 
+def _epoch_inputs(name: str, xp, dtype, scores, scored):
+  """``(scores [N], scored [N] bool)`` as ``xp`` arrays (numpy or jax.numpy);
+  ``scored`` None is all. Refuses other shapes, naming ``name``'s argument."""
+  scores = xp.asarray(scores, dtype)
+  if scores.ndim != 1:
+    raise ValueError(f"{name}(scores) needs one score per example, shape "
+                     f"[N]; got {scores.shape}.")
+  scored = (xp.ones(scores.shape, bool) if scored is None
+            else xp.asarray(scored, bool))
+  if scored.shape != scores.shape:
+    raise ValueError(f"{name}(scored) must have the scores' shape "
+                     f"{scores.shape}; got {scored.shape}.")
+  return scores, scored
+
+
 def infobatch_epoch(scores, scored=None, *, prune: float = 0.5,
                     seed: Union[int, Sequence[int]] = 0, anneal: bool = False
                     ) -> Tuple[np.ndarray, np.ndarray]:
@@ -185,15 +200,8 @@ def infobatch_epoch(scores, scored=None, *, prune: float = 0.5,
   """
   prune = _validate.number("infobatch_epoch(prune)", prune, 0, 1,
                            high_open=True)
-  scores = np.asarray(scores, np.float64)
-  if scores.ndim != 1:
-    raise ValueError("infobatch_epoch(scores) needs one score per example, "
-                     f"shape [N]; got {scores.shape}.")
-  scored = (np.ones(scores.shape, bool) if scored is None
-            else np.asarray(scored, bool))
-  if scored.shape != scores.shape:
-    raise ValueError(f"infobatch_epoch(scored) must have the scores' shape "
-                     f"{scores.shape}; got {scored.shape}.")
+  scores, scored = _epoch_inputs("infobatch_epoch", np, np.float64, scores,
+                                 scored)
   rng = np.random.default_rng(seed)
   low = np.zeros(scores.shape, bool)
   if scored.any() and not anneal:
@@ -246,16 +254,9 @@ def infobatch_order(key: Array, scores: Array, scored: Optional[Array] = None,
   """
   prune = _validate.number("infobatch_order(prune)", prune, 0, 1,
                            high_open=True)
-  s = jnp.asarray(scores, jnp.float32)
-  if s.ndim != 1:
-    raise ValueError("infobatch_order(scores) needs one score per example, "
-                     f"shape [N]; got {s.shape}.")
+  s, scored = _epoch_inputs("infobatch_order", jnp, jnp.float32, scores,
+                            scored)
   n = s.shape[0]
-  scored = (jnp.ones((n,), bool) if scored is None
-            else jnp.asarray(scored, bool))
-  if scored.shape != (n,):
-    raise ValueError(f"infobatch_order(scored) must have the scores' shape "
-                     f"({n},); got {scored.shape}.")
   mean = (jnp.sum(jnp.where(scored, s, 0.0))
           / jnp.maximum(jnp.sum(scored), 1).astype(jnp.float32))
   low = scored & (s < mean) & ~jnp.asarray(anneal, bool)

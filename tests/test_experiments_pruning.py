@@ -152,27 +152,39 @@ def test_the_saved_epoch_redraws_the_same_epoch():
       np.testing.assert_array_equal(again.weights, drawn.weights)
 
 
-def test_a_pruned_training_run_resumes_bit_exact(fake_data, tmp_path):
-  # 160 examples, b = B = 8: epoch 0 is 20 steps, then pruned epochs; the
-  # interrupted run stops at step 22, inside a chunk of 4, after epoch 1 was
-  # drawn (test_a_source_resumed_at_any_step covers every other step).
-  def config(steps):
-    return tiny_config(fake_data, num_steps=steps, data_on_device=False,
-                       **{"pruning.method": "infobatch",
-                          "pruning.anneal_fraction": 0.0})
-  whole = train.train_and_evaluate(config(28), str(tmp_path / "whole"))
+def _pruned_config(fake_data, steps: int, on_device: bool, **overrides):
+  return tiny_config(fake_data, num_steps=steps, data_on_device=on_device,
+                     **{"pruning.method": "infobatch",
+                        "pruning.anneal_fraction": 0.0}, **overrides)
+
+
+def _resumed_run_equals_the_whole(fake_data, tmp_path, on_device: bool,
+                                  steps: int):
+  """A pruned run of ``steps`` stopped at step 22 and resumed ends bit for
+  bit where the uninterrupted one ends. Returns the whole run's result and
+  its last checkpoint's metadata."""
+  config = lambda n: _pruned_config(fake_data, n, on_device)
+  whole = train.train_and_evaluate(config(steps), str(tmp_path / "whole"))
   train.train_and_evaluate(config(22), str(tmp_path / "split"))
-  resumed = train.train_and_evaluate(config(28), str(tmp_path / "split"))
+  resumed = train.train_and_evaluate(config(steps), str(tmp_path / "split"))
   for x, y in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state)):
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       x, y = jax.random.key_data(x), jax.random.key_data(y)
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "whole" / "checkpoints"), 2)
+  _, meta = ckpt.restore(steps, {"jis": whole.state})
+  ckpt.close()
+  return whole, meta
+
+
+def test_a_pruned_training_run_resumes_bit_exact(fake_data, tmp_path):
+  # 160 examples, b = B = 8: epoch 0 is 20 steps, then pruned epochs; the
+  # interrupted run stops at step 22, inside a chunk of 4, after epoch 1 was
+  # drawn (test_a_source_resumed_at_any_step covers every other step).
+  whole, meta = _resumed_run_equals_the_whole(fake_data, tmp_path, False, 28)
   # The table scored what the epochs trained; epoch 1 was pruned.
   scored = np.asarray(whole.state.table.scored_at) >= 0
   assert scored.all()
-  ckpt = checkpoints.Checkpointer(str(tmp_path / "whole" / "checkpoints"), 2)
-  _, meta = ckpt.restore(28, {"jis": whole.state})
-  ckpt.close()
   data = meta["data"]
   assert data["source"] == "grain:infobatch" and meta["presample_size"] == 8
   assert data["epoch"] >= 1
@@ -251,6 +263,13 @@ def test_on_device_epochs_are_infobatch_orders_of_the_table_at_their_start():
   assert min(lengths) < N // B
 
 
+def test_an_on_device_epoch_that_could_hold_no_batch_is_refused():
+  with pytest.raises(ValueError, match="fewer than one presample"):
+    batches.PrunedOnDevice(_split(), jax.random.PRNGKey(0), B,
+                           placement_lib.Placement(None, jax.devices()[0]),
+                           None, prune=0.9, anneal_step=None)
+
+
 def test_an_on_device_source_resumed_reads_what_the_whole_run_reads():
   whole_source = _device_source()
   whole, _ = _drive_device(whole_source, whole_source.carry(), 0, 60)
@@ -267,20 +286,7 @@ def test_an_on_device_source_resumed_reads_what_the_whole_run_reads():
 
 def test_an_on_device_pruned_training_run_resumes_bit_exact(fake_data,
                                                             tmp_path):
-  def config(steps):
-    return tiny_config(fake_data, num_steps=steps, data_on_device=True,
-                       **{"pruning.method": "infobatch",
-                          "pruning.anneal_fraction": 0.0})
-  whole = train.train_and_evaluate(config(30), str(tmp_path / "whole"))
-  train.train_and_evaluate(config(22), str(tmp_path / "split"))
-  resumed = train.train_and_evaluate(config(30), str(tmp_path / "split"))
-  for x, y in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state)):
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x, y = jax.random.key_data(x), jax.random.key_data(y)
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  ckpt = checkpoints.Checkpointer(str(tmp_path / "whole" / "checkpoints"), 2)
-  _, meta = ckpt.restore(30, {"jis": whole.state})
-  ckpt.close()
+  _, meta = _resumed_run_equals_the_whole(fake_data, tmp_path, True, 30)
   data = meta["data"]
   assert data["source"] == "device:infobatch" and meta["presample_size"] == 8
   assert data["epoch"] >= 1
@@ -293,10 +299,7 @@ def test_on_device_pruning_over_eight_devices_matches_one(fake_data, tmp_path):
     pytest.skip("needs 8 devices (conftest.py asks XLA for 8 CPU devices)")
   def run(devices):
     return train.train_and_evaluate(
-        tiny_config(fake_data, num_steps=26, data_on_device=True,
-                    num_devices=devices,
-                    **{"pruning.method": "infobatch",
-                       "pruning.anneal_fraction": 0.0}),
+        _pruned_config(fake_data, 26, True, num_devices=devices),
         str(tmp_path / str(devices)))
   one, eight = run(1), run(8)
   # Steps 20-25 train on the pruned epoch 1, drawn from the table of each.
