@@ -78,10 +78,12 @@ def anneal_step(config, steps_per_epoch: float) -> Optional[int]:
 
 
 def pack(mask: np.ndarray) -> str:
+  """A bool mask as base64 text, one bit an example (for JSON metadata)."""
   return base64.b64encode(np.packbits(mask).tobytes()).decode("ascii")
 
 
 def unpack(text: str, n: int) -> np.ndarray:
+  """The ``n``-example bool mask that :func:`pack` wrote."""
   bits = np.frombuffer(base64.b64decode(text), np.uint8)
   return np.unpackbits(bits, count=n).astype(bool)
 
