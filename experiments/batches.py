@@ -78,12 +78,18 @@ class OnDevice:
     self._n, self._size = len(split["label"]), size
     data = jax.device_put(split, placement.replicated)
     self._split = Split(data, key, None if prepare is None else prepare(data))
-    perm = jax.jit(input_pipeline.epoch_permutation, static_argnums=2)(
-        key, epoch, self._n).astype(jnp.int32)
     self._start = jax.device_put(
-        Position(epoch=jnp.asarray(epoch, jnp.int32),
-                 offset=jnp.asarray(offset, jnp.int32), perm=perm),
+        self._first(jnp.asarray(epoch, jnp.int32),
+                    jnp.asarray(offset, jnp.int32), position),
         placement.replicated)
+
+  def _first(self, epoch: jax.Array, offset: jax.Array,
+             position: Optional[Dict[str, Any]]) -> Position:
+    """The carry at ``(epoch, offset)``, where the run starts."""
+    del position
+    perm = jax.jit(input_pipeline.epoch_permutation, static_argnums=2)(
+        self._split.key, epoch, self._n).astype(jnp.int32)
+    return Position(epoch=epoch, offset=offset, perm=perm)
 
   @property
   def device_split(self):
@@ -112,11 +118,17 @@ class OnDevice:
         lambda: carry.perm)
     idx = jax.lax.dynamic_slice_in_dim(perm, start, self._size)
     position = Position(epoch=epoch, offset=start + self._size, perm=perm)
+    return self._presample(fed, idx), position
+
+  def _presample(self, fed: Split, idx: jax.Array, **per_example):
+    """The presample at dataset indices ``idx``: a ``jis.Indexed`` into the
+    prepared split, else its rows with their ``index``. ``per_example``:
+    ``[N]`` arrays given with the rows, by dataset index."""
     if fed.prepared is not None:
-      return jis.Indexed(fed.prepared, idx), position
+      return jis.Indexed({**fed.prepared, **per_example}, idx)
     batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), fed.data)
-    batch["index"] = idx
-    return batch, position
+    return {**batch, "index": idx,
+            **{k: jnp.take(v, idx, axis=0) for k, v in per_example.items()}}
 
   def consumed(self, carry: Position, rows) -> Position:
     """Moves the position back to just after the ``rows`` the step used
@@ -165,21 +177,24 @@ class PrunedOnDevice(OnDevice):
                position: Optional[Dict[str, Any]],
                prepare: Optional[Callable[[Any], Any]] = None, *,
                prune: float, anneal_step: Optional[int]):
-    super().__init__(split, key, size, placement, position, prepare)
-    if (1.0 - prune) * self._n < 2 * size:
+    n = len(split["label"])
+    if (1.0 - prune) * n < 2 * size:
       raise ValueError(
           f"config.pruning.prune={prune} could leave an epoch of the "
-          f"{self._n} training examples with fewer than one presample "
+          f"{n} training examples with fewer than one presample "
           f"({size}) kept: lower pruning.prune or batch_size (the kept "
           "share is at least 1 − prune of the examples, in expectation).")
     self._prune, self._anneal_step = float(prune), anneal_step
+    super().__init__(split, key, size, placement, position, prepare)
+
+  def _first(self, epoch, offset, position) -> PrunedPosition:
+    """The epoch being read when the run starts, drawn again from its
+    below-mean bits (none at the start: every example kept)."""
     below_mean = (pruning.unpack(position["below_mean"], self._n)
                   if position else np.zeros(self._n, bool))
-    start = self._start
-    perm, weights, kept = jax.jit(self._redraw)(start.epoch, below_mean)
-    self._start = jax.device_put(
-        PrunedPosition(epoch=start.epoch, offset=start.offset, perm=perm,
-                       weights=weights, size=kept), placement.replicated)
+    perm, weights, kept = jax.jit(self._redraw)(epoch, below_mean)
+    return PrunedPosition(epoch=epoch, offset=offset, perm=perm,
+                          weights=weights, size=kept)
 
   def _draw(self, epoch, scores, scored, anneal=False):
     return jis.infobatch_order(jax.random.fold_in(self._split.key, epoch),
@@ -193,23 +208,19 @@ class PrunedOnDevice(OnDevice):
   def take(self, carry: PrunedPosition, fed: Split, i, state=None
            ) -> Tuple[Any, PrunedPosition]:
     del i
-    new = carry.offset + self._size > carry.size
-    epoch = jnp.where(new, carry.epoch + 1, carry.epoch)
-    start = jnp.where(new, 0, carry.offset)
+    epoch, start = input_pipeline.advance(carry.epoch, carry.offset,
+                                          carry.size, self._size)
     anneal = (False if self._anneal_step is None
               else state.step >= self._anneal_step)
     perm, weights, kept = jax.lax.cond(
-        new,
+        epoch != carry.epoch,
         lambda: self._draw(epoch, state.table.scores,
                            state.table.scored_at >= 0, anneal),
         lambda: (carry.perm, carry.weights, carry.size))
     idx = jax.lax.dynamic_slice_in_dim(perm, start, self._size)
     position = PrunedPosition(epoch=epoch, offset=start + self._size,
                               perm=perm, weights=weights, size=kept)
-    if fed.prepared is not None:
-      return jis.Indexed({**fed.prepared, "weight": weights}, idx), position
-    batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), fed.data)
-    return {**batch, "index": idx, "weight": weights[idx]}, position
+    return self._presample(fed, idx, weight=weights), position
 
   def position(self, carry: PrunedPosition) -> Dict[str, Any]:
     perm, weights, kept = (np.asarray(placement_lib.fetch_replicated(x))

@@ -479,9 +479,9 @@ def epoch_permutation(key: jax.Array, epoch, n: int) -> jax.Array:
   return jax.random.permutation(jax.random.fold_in(key, epoch), n)
 
 
-def advance(epoch, offset, n: int, size: int):
+def advance(epoch, offset, n, size: int):
   """Where the next batch of ``size`` starts, from position ``(epoch,
-  offset)`` (traced or Python ints). Batches never straddle two epochs: the
+  offset)`` in epochs of ``n`` examples (traced or Python ints). Batches never straddle two epochs: the
   end of an epoch too short for a batch is skipped. Returns ``(epoch, start)``.
   """
   if isinstance(offset, int):
