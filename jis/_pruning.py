@@ -275,6 +275,8 @@ def infobatch_order(key: Array, scores: Array, scored: Optional[Array] = None,
 def kept_first_order(key: Array, keep: Array) -> Array:
   """A random permutation of ``[0, N)`` with the ``keep`` examples first.
 
+  With ``keep`` all True, a uniformly random permutation for an epoch's
+  order in about a quarter of ``jax.random.permutation``'s time on XLA:CPU.
   Each part comes in a uniformly random order: the examples are sorted by
   at least 31 random bits (two that draw the same bits, about ``N²/2³²``
   pairs, keep their index order). XLA:CPU sorts one ``uint32`` array 5–6
@@ -293,6 +295,15 @@ def kept_first_order(key: Array, keep: Array) -> Array:
 
   Returns:
     ``[N]`` int32, the examples with ``keep`` first.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import jis
+    >>> order = jis.kept_first_order(jax.random.key(0),
+    ...                              jnp.array([False, True, False, True]))
+    >>> sorted(order[:2].tolist()), sorted(order[2:].tolist())
+    ([1, 3], [0, 2])
+    >>> perm = jis.kept_first_order(jax.random.key(1), jnp.ones(60_000, bool))
   """
   n = keep.shape[0]
   width = max(1, (n - 1).bit_length())      # the bits of a position
