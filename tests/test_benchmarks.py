@@ -765,3 +765,15 @@ def test_methods_taking_turns_train_for_a_calibrated_budget(
     convergence.run(models=["reuters_mlp"], methods=["uniform"], seeds=1,
                     turn_seconds=-1.0, out=out, workdir=str(tmp_path),
                     data_dir=str(tmp_path))
+
+
+def test_a_run_stopped_by_sigterm_writes_no_result(monkeypatch, tmp_path):
+  # SIGTERM makes a training run save and stop early (preemption); the
+  # benchmark must not take its curve, or its time as a calibrated budget.
+  from experiments import train   # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(train, "train_and_evaluate",
+                      lambda config, workdir, handoff=None: train.Result(
+                          state=None, step=50, train_seconds=0.08, eval={},
+                          preempted=True))
+  with pytest.raises(SystemExit, match="stopped by SIGTERM at step 50"):
+    convergence.run_one(None, str(tmp_path / "run"))

@@ -320,6 +320,11 @@ def run_one(config, workdir: str, handoff=None) -> Dict[str, object]:
     shutil.rmtree(workdir)   # a leftover checkpoint would resume
   t0, steal = time.perf_counter(), common.cpu_steal()
   result = train.train_and_evaluate(config, workdir, handoff)
+  if result.preempted:   # a stopped run's curve would pass for a result
+    raise SystemExit(
+        f"{workdir}: the run was stopped by SIGTERM at step {result.step}; "
+        "the benchmark writes no results from a stopped run. Run it again "
+        "(SIGKILL stops a benchmark without this message).")
   wall = time.perf_counter() - t0
   steal = common.steal_fraction(steal, common.cpu_steal())
   records = metric_writer.read_metrics(workdir)
