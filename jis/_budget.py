@@ -209,10 +209,8 @@ def constant_time(backward_time: float = 2.0, tau_threshold: float = 2.0,
 
 def resolve_buckets(budget: Budget, presample_size: int, batch_size: int,
                     layout) -> Buckets:
-  """The budget's static buckets, checked against the step's options."""
-  if not isinstance(budget, Budget):
-    raise TypeError("budget must be a jis.Budget (jis.constant_variance() or "
-                    f"jis.constant_time()); got {type(budget).__name__}.")
+  """The budget's static buckets (a checked :class:`Budget`) against the
+  step's options."""
   if layout.mesh is not None:
     raise ValueError("budget modes run on one device for now: pass mesh=None.")
   buckets = tuple((int(n), int(a)) for n, a in budget.plan(presample_size,

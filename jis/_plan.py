@@ -56,6 +56,10 @@ class Plan(NamedTuple):
     tau_momentum: momentum of τ's moving average.
     static_active: True/False when the condition is known before the run
       (one branch compiled, no ``lax.cond``), else None.
+    may_look_ahead: whether a step may train on the previous step's draw: a
+      score table whose ``lookahead`` is not False, every step resampling,
+      on one device. The state then carries the pending draw; a step looks
+      ahead when its presample is :class:`jis.Indexed`.
     diagnostics: whether the step reports the metrics that cost a sort or a
       log (``is/selected_fraction_unique``, ``is/entropy``).
   """
@@ -75,6 +79,7 @@ class Plan(NamedTuple):
   placement: _placement.Placement
   tau_momentum: float
   static_active: Optional[bool]
+  may_look_ahead: bool
   diagnostics: bool
 
 
@@ -233,6 +238,13 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
       hint="B = round(presample * batch_size) examples are scored per step.")
   big_b = int(round(presample * b))
   _validate.accepts(train_step, "train_step", ("state", "batch", "weights"))
+  if score_table is not None:
+    _validate.instance("score_table", score_table, _stale.ScoreTable,
+                       "jis.ScoreTable (jis.stale_scores(N))")
+  if budget is not None:
+    _validate.instance("budget", budget, _budget.Budget,
+                       "jis.Budget (jis.constant_variance() or "
+                       "jis.constant_time())")
   loss_ = _losses.resolve_loss(loss)
   mask_fn = _mask_getter(mask, loss_)
   if score is None:   # a score table keeps losses, as InfoBatch does
@@ -250,9 +262,6 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
     _validate.accepts(logits_fn, "logits_fn", ("state", "batch"))
   elif score_.per_parameter:
     raise ValueError("score='gradient_norm' differentiates logits_fn: pass it.")
-  if score_table is not None:
-    _validate.instance("score_table", score_table, _stale.ScoreTable,
-                       "jis.ScoreTable (jis.stale_scores(N))")
   placement = _placement.make(mesh, data_axis, resample, big_b, b,
                               forward_batch_size)
   buckets = None
@@ -265,8 +274,11 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
   condition, threshold = _condition(condition, tau_threshold, budget,
                                     score_table, big_b, b)
   static_active = _static_active(condition, score_, threshold)
+  # Lookahead (stale_scores) needs every step to resample, on one device;
+  # a step looks ahead when, besides, its presample is jis.Indexed.
+  can_look_ahead = static_active is True and placement.layout.mesh is None
   if (score_table is not None and score_table.lookahead is True
-      and not _lookahead_can_run(static_active, placement)):
+      and not can_look_ahead):
     raise ValueError(
         "stale_scores(lookahead=True) trains on the previous step's draw, so "
         "every step must resample (condition=jis.always(), the default with "
@@ -284,19 +296,6 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
       table=score_table, buckets=buckets, budget=budget, placement=placement,
       tau_momentum=_tau_momentum(tau_momentum, condition),
       static_active=static_active,
+      may_look_ahead=(score_table is not None and can_look_ahead
+                      and score_table.lookahead is not False),
       diagnostics=bool(diagnostics))
-
-
-def _lookahead_can_run(static_active, placement) -> bool:
-  """Every step resamples (known at trace time), on one device."""
-  return static_active is True and placement.layout.mesh is None
-
-
-def may_look_ahead(plan: Plan) -> bool:
-  """Whether a step may train on the previous step's draw: a score table
-  whose ``lookahead`` is not False, every step resampling, on one device
-  (``make`` refused ``lookahead=True`` otherwise). The state then carries
-  the pending draw; a step looks ahead when its presample is
-  :class:`jis.Indexed`."""
-  return (plan.table is not None and plan.table.lookahead is not False
-          and _lookahead_can_run(plan.static_active, plan.placement))

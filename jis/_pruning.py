@@ -42,8 +42,17 @@ def keep_probabilities(scores: Array, prune: float) -> Array:
   A score within ``1e-4`` of the mean (relative) counts as at the mean.
   """
   s = jnp.asarray(scores, jnp.float32)
-  mean = jnp.mean(s)
-  return jnp.where(s < mean - _AT_MEAN * jnp.abs(mean), 1.0 - prune, 1.0)
+  return jnp.where(_below_mean(jnp, s, jnp.ones(s.shape, bool)),
+                   1.0 - prune, 1.0)
+
+
+def _below_mean(xp, scores, scored):
+  """The scored examples below the mean of the scored ones (numpy or
+  jax.numpy ``xp``): InfoBatch's prunable ones, in the step and in the
+  epochs alike. A score within ``_AT_MEAN`` of the mean counts as at it."""
+  count = xp.maximum(xp.sum(scored), 1)
+  mean = xp.sum(xp.where(scored, scores, 0.0)) / count
+  return scored & (scores < mean - _AT_MEAN * xp.abs(mean))
 
 
 def inclusion_probabilities(keep: Array, num: int) -> Array:
@@ -176,8 +185,9 @@ def infobatch_epoch(scores, scored=None, *, prune: float = 0.5,
   table current from the ``"is/logits"`` of the examples it trains on
   (``presample=1.0``, ``condition=jis.never()``: no scoring pass).
 
-  Examples whose score is below the mean of the scored ones are kept with
-  probability ``1 − prune`` and weight ``1 / (1 − prune)``; the others (and
+  Examples whose score is below the mean of the scored ones (by more than
+  ``1e-4`` of it, as in :func:`infobatch`) are kept with probability
+  ``1 − prune`` and weight ``1 / (1 − prune)``; the others (and
   the never scored) are kept with weight 1. Every example's expected weight is
   1, so the epoch's weighted gradient sum is an unbiased estimate of the full
   epoch's; the epoch is ``prune`` times the share of below-mean examples
@@ -207,9 +217,7 @@ def infobatch_epoch(scores, scored=None, *, prune: float = 0.5,
   scores, scored = _epoch_inputs("infobatch_epoch", np, np.float64, scores,
                                  scored)
   rng = np.random.default_rng(seed)
-  low = np.zeros(scores.shape, bool)
-  if scored.any() and not anneal:
-    low = scored & (scores < scores[scored].mean())
+  low = _below_mean(np, scores, scored) & (not anneal)
   keep = ~low | (rng.random(scores.shape) >= prune)
   indices = rng.permutation(np.flatnonzero(keep))
   weights = np.where(low[indices], 1.0 / (1.0 - prune), 1.0).astype(np.float32)
@@ -222,8 +230,9 @@ def infobatch_order(key: Array, scores: Array, scored: Optional[Array] = None,
   """One InfoBatch epoch drawn on the device, for a loop over on-device data.
 
   The jittable counterpart of :func:`infobatch_epoch`, at fixed shapes:
-  examples whose score is below the mean of the scored ones are kept with
-  probability ``1 − prune`` and weight ``1 / (1 − prune)``, the others (and
+  examples whose score is below the mean of the scored ones (by more than
+  ``1e-4`` of it) are kept with probability ``1 − prune`` and weight
+  ``1 / (1 − prune)``, the others (and
   the never scored) always, with weight 1. Each example's expected weight is
   1, so the epoch's weighted gradient sum is an unbiased estimate of the
   full epoch's. The kept examples come first, in a random order; train on
@@ -261,9 +270,7 @@ def infobatch_order(key: Array, scores: Array, scored: Optional[Array] = None,
   s, scored = _epoch_inputs("infobatch_order", jnp, jnp.float32, scores,
                             scored)
   n = s.shape[0]
-  mean = (jnp.sum(jnp.where(scored, s, 0.0))
-          / jnp.maximum(jnp.sum(scored), 1).astype(jnp.float32))
-  low = scored & (s < mean) & ~jnp.asarray(anneal, bool)
+  low = _below_mean(jnp, s, scored) & ~jnp.asarray(anneal, bool)
   order_key, keep_key = jax.random.split(key)
   keep = ~low | (jax.random.uniform(keep_key, (n,)) >= prune)
   order = kept_first_order(order_key, keep)

@@ -1,6 +1,6 @@
 """Importance scores: how informative each presampled example is."""
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,7 @@ def reducible_loss(loss: _losses.Loss, key: str = "irreducible_loss",
   sampling score cannot be negative.
   """
   def fn(logits, labels, batch):
-    if not isinstance(batch, dict) or key not in batch:
+    if not isinstance(batch, Mapping) or key not in batch:
       raise ValueError(
           f"score='reducible_loss' reads the irreducible loss from batch[{key!r}]"
           " but the batch has no such key. Precompute it with a model trained "

@@ -146,8 +146,6 @@ def _is_tracer(x) -> bool:
 
 def _constrain(x: Array, layout: Layout, dim: Optional[int]) -> Array:
   """``x`` split over the data axis along ``dim``, or replicated (None)."""
-  if layout.mesh is None:
-    return x
   ndim = np.ndim(x)
   if _explicit(layout):
     # In explicit mode shardings are types; keep what other axes (a "model"
@@ -169,9 +167,7 @@ def _constrain(x: Array, layout: Layout, dim: Optional[int]) -> Array:
 
 def constrain(tree: PyTree, layout: Layout, dim: Optional[int]) -> PyTree:
   """Every leaf of ``tree`` split over the data axis along ``dim`` (None:
-  replicated); the identity without a mesh."""
-  if layout.mesh is None:
-    return tree
+  replicated). Only a mesh placement calls these (``_placement``)."""
   return jax.tree.map(lambda x: _constrain(x, layout, dim), tree)
 
 
@@ -192,8 +188,6 @@ def _put(x, layout: Layout, dim: Optional[int]):
 
 def place(tree: PyTree, layout: Layout, dim: Optional[int]) -> PyTree:
   """Like :func:`constrain`, outside jit too (``jax.device_put``)."""
-  if layout.mesh is None:
-    return tree
   return jax.tree.map(lambda x: _put(x, layout, dim), tree)
 
 
@@ -203,8 +197,6 @@ def place_train_state(tree: PyTree, layout: Layout) -> PyTree:
   Leaves the user already placed on the mesh (replicated or sharded, FSDP or
   tensor-parallel) keep their sharding.
   """
-  if layout.mesh is None:
-    return tree
 
   def put(x):
     if _is_tracer(x) or not isinstance(x, jax.Array):

@@ -143,8 +143,8 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   The refreshed scores come from the logits the ``train_step`` hands back
   under ``"is/logits"`` (free: they are the train-mode logits of its forward
   pass) or else from ``logits_fn`` on the ``b`` trained examples (a forward
-  pass of ``b``, a third of a training step). Uniform steps write the scores
-  they compute for τ in the same way.
+  pass of ``b``, a third of a training step). Uniform steps (a condition
+  that is off) write their trained examples' scores in the same way.
 
   With ``refresh_every = R > 0``, the steps ``t`` with ``t mod R <
   refresh_steps`` score the whole presample with a forward pass and write all
@@ -283,12 +283,15 @@ def presample_scores(table: ScoreTable, state: TableState, batch: PyTree,
 
   def stale():
     scores, scored = table.lookup(state, index, step)
+    # The mean age of the scores read from the table (an index outside it
+    # counts as scored in the lookup, so that its NaN reaches the fallback).
+    aged = scored & (index >= 0) & (index < size)
     age = jnp.asarray(step, jnp.int32) - jnp.take(state.scored_at, index,
                                                    mode="fill", fill_value=0)
-    age = jnp.where(scored, age, 0).astype(jnp.float32)
+    age = jnp.where(aged, age, 0).astype(jnp.float32)
     metrics = {
         "is/fresh": jnp.zeros((), jnp.float32),
-        "is/score_age": jnp.sum(age) / jnp.maximum(jnp.sum(scored), 1),
+        "is/score_age": jnp.sum(age) / jnp.maximum(jnp.sum(aged), 1),
         "is/unscored": 1.0 - jnp.mean(scored.astype(jnp.float32)),
         "is/bad_index": bad,
     }

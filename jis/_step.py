@@ -427,7 +427,7 @@ def _train(plan, model, state, rows, weights, static, active, n_train):
                                          logits)
 
 
-def _draw_then_train(plan, model, state, batch, own, active, static,
+def _draw_then_train(plan, model, state, batch, own, static, active,
                      n_scored, n_train):
   """A step that chooses its rows from its own presample (importance
   sampling or the first ``n_train``, as ``active`` says), trains on them and
@@ -439,9 +439,10 @@ def _draw_then_train(plan, model, state, batch, own, active, static,
       lambda own: _choose_uniform(plan, state, own, n_train), own)
   rows = plan.placement.gather(batch, choice.positions)
   inner, metrics, trained = _train(plan, model, state, rows, choice.weights,
-                                   static, active, n_train)
-  own = _record(plan, choice, static, active, batch, rows, trained,
-                state.step)
+                                   static=static, active=active,
+                                   n_train=n_train)
+  own = _record(plan, choice, static=static, active=active, batch=batch,
+                rows=rows, trained=trained, step=state.step)
   return _Outcome(choice, inner, metrics, own, state.pending)
 
 
@@ -483,7 +484,7 @@ def _step_metrics(out: _Outcome, active, n_scored, n_train, extra_metrics):
       **draw.extra, **(extra_metrics or {})}
 
 
-def _sized_step(plan, model, state, batch, active, static, n_scored,
+def _sized_step(plan, model, state, batch, static, active, n_scored,
                 n_train, extra_metrics=None, lookahead=False):
   """One step that scores ``n_scored`` presampled rows and trains on
   ``n_train``; ``static`` names the branch when it is known at trace time.
@@ -493,8 +494,8 @@ def _sized_step(plan, model, state, batch, active, static, n_scored,
   if lookahead:
     out = _train_then_draw(plan, model, state, batch, own, n_scored, n_train)
   else:
-    out = _draw_then_train(plan, model, state, batch, own, active, static,
-                           n_scored, n_train)
+    out = _draw_then_train(plan, model, state, batch, own, static=static,
+                           active=active, n_scored=n_scored, n_train=n_train)
   new_state = state._replace(
       inner=out.inner, step=state.step + 1, tau=out.choice.tau,
       tau_step=out.choice.tau_step, pending=out.pending, **out.own._asdict())
@@ -509,8 +510,9 @@ def _budget_step(plan, model, state, batch, active):
   def sized(n_scored, n_train):
     resample = n_scored > 0
     return lambda state, batch: _sized_step(
-        plan, model, state, batch, resample, resample, n_scored, n_train,
-        _budget.metrics(n_scored, n_train))
+        plan, model, state, batch, static=resample, active=resample,
+        n_scored=n_scored, n_train=n_train,
+        extra_metrics=_budget.metrics(n_scored, n_train))
   bucket = jnp.where(active, 1 + plan.budget.choose(
       state.tau, plan.presample_size, plan.batch_size), 0)
   sizes = ((0, plan.batch_size),) + plan.buckets
@@ -549,7 +551,7 @@ def _active(plan, state) -> Array:
 
 def _looks_ahead(plan, batch) -> bool:
   """Whether this step trains on the previous step's draw (lookahead)."""
-  if not _plan.may_look_ahead(plan):
+  if not plan.may_look_ahead:
     return False
   if not isinstance(batch, _indexed.Indexed):
     if plan.table.lookahead is None:   # where it can: not on arrays
@@ -582,8 +584,8 @@ def _step(plan, model, state: ImportanceState, batch):
   active = _active(plan, state)
   if plan.buckets is None:
     new_state, metrics = _sized_step(
-        plan, model, state, batch, active, plan.static_active,
-        plan.presample_size, plan.batch_size,
+        plan, model, state, batch, static=plan.static_active, active=active,
+        n_scored=plan.presample_size, n_train=plan.batch_size,
         lookahead=_looks_ahead(plan, batch))
   else:
     new_state, metrics = _budget_step(plan, model, state, batch, active)
@@ -610,7 +612,7 @@ def _init(plan, train_state: PyTree, key: Array) -> ImportanceState:
       table=plan.table.init() if plan.table is not None else (),
       tau_step=jnp.full((), -1, jnp.int32),
       pending=(_stale.init_pending(plan.batch_size)
-               if _plan.may_look_ahead(plan) else ()))
+               if plan.may_look_ahead else ()))
   return _put_own(plan, state)
 
 

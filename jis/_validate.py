@@ -72,26 +72,18 @@ def one_of(name: str, value, options: Sequence):
   return value
 
 
-def accepts(fn: Callable, name: str, args: Sequence[str]) -> int:
-  """Checks that ``fn`` can be called with ``args`` positionally.
-
-  Returns the number of positional parameters ``fn`` takes (``len(args)``
-  when its signature cannot be read: builtins and some wrappers).
-  """
+def accepts(fn: Callable, name: str, args: Sequence[str]) -> None:
+  """Checks that ``fn`` can be called with ``args`` positionally (builtins
+  and wrappers whose signature cannot be read pass)."""
   if not callable(fn):
     raise TypeError(f"{name} must be callable; got {type(fn).__name__}.")
   try:
     signature = inspect.signature(fn)
   except (TypeError, ValueError):
-    return len(args)
+    return
   try:
     signature.bind(*args)
   except TypeError as e:
     raise TypeError(
         f"{name} must accept ({', '.join(args)}); its signature is "
         f"{getattr(fn, '__name__', name)}{signature} ({e}).") from None
-  params = list(signature.parameters.values())
-  if any(p.kind == p.VAR_POSITIONAL for p in params):
-    return len(args)
-  return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-             for p in params)

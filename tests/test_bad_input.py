@@ -62,6 +62,13 @@ FACTORY_ERRORS = [
     (lambda: jis.importance_step(_train_step, _logits, batch_size=4,
                                  condition="always"),
      TypeError, r"condition must be a jis.Condition \(e.g."),
+    (lambda: jis.importance_step(_train_step, None, batch_size=4,
+                                 score_table=jis.stale_scores),
+     TypeError, r"score_table must be a jis.ScoreTable \(jis.stale_scores\(N\)\); "
+                "got function"),
+    (lambda: jis.importance_step(_train_step, _logits, batch_size=4,
+                                 budget=jis.constant_time),
+     TypeError, r"budget must be a jis.Budget \(jis.constant_variance\(\) or"),
     (lambda: jis.importance_step(_train_step, _logits, batch_size=4,
                                  score_transforms="power"),
      TypeError, "score_transforms entries must be a jis.ScoreTransform"),

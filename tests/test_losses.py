@@ -6,8 +6,11 @@ import numpy as np
 import optax
 import pytest
 
+import flax
+
 import jis
 from jis import _losses
+from jis import _scores
 
 
 def _reference_losses():
@@ -233,3 +236,23 @@ def test_masks_for_the_elementwise_losses_match_autodiff(loss):
 def test_head_and_mask_errors_name_the_fix(call, error, match):
   with pytest.raises(error, match=match):
     call()
+
+
+def test_reducible_loss_is_the_loss_minus_the_batchs_clipped_at_zero():
+  # RHO-LOSS against numpy: max(cross-entropy − batch["irreducible_loss"], 0),
+  # from a dict or any other Mapping batch (a flax FrozenDict).
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 4)).astype(np.float32)
+  labels = rng.integers(0, 4, size=6)
+  irreducible = rng.uniform(0.0, 2.5, size=6).astype(np.float32)
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  ce = -(shifted[np.arange(6), labels]
+         - np.log(np.exp(shifted).sum(axis=1)))
+  expected = np.maximum(ce - irreducible, 0.0)
+  assert (expected == 0).any() and (expected > 0).any()   # both sides seen
+  score = _scores.resolve_score(
+      "reducible_loss", _losses.resolve_loss("softmax_cross_entropy"))
+  for batch in ({"irreducible_loss": irreducible},
+                flax.core.FrozenDict({"irreducible_loss": irreducible})):
+    np.testing.assert_allclose(score.fn(jnp.asarray(logits), labels, batch),
+                               expected, rtol=1e-5, atol=1e-6)

@@ -240,6 +240,23 @@ def test_kept_first_order_with_three_passes_has_no_index_order_left():
   assert abs(np.mean(firsts) - size / 2) < 5 * size / np.sqrt(48)
 
 
+def test_the_step_and_the_epochs_agree_on_what_is_below_the_mean():
+  # Scores 1, 3 and 2(1 − 1e-5) (mean 2 − 6.7e-6): the last lies within
+  # 1e-4 of the mean and counts as at it in all three, so it is never
+  # pruned and keeps weight 1; example 0 is below and prunable.
+  scores = np.array([1.0, 3.0, 2.0 * (1 - 1e-5)], np.float32)
+  np.testing.assert_allclose(_pruning.keep_probabilities(scores, 0.5),
+                             [0.5, 1.0, 1.0])
+  for seed in range(20):
+    order, weights = jis.infobatch_epoch(scores, prune=0.5, seed=seed)
+    assert {1, 2} <= set(order.tolist())
+    np.testing.assert_array_equal(weights[order != 0], 1.0)
+    order, weights, size = jis.infobatch_order(jax.random.key(seed), scores,
+                                               prune=0.5)
+    assert {1, 2} <= set(order[:size].tolist())
+    np.testing.assert_array_equal(weights[1:], 1.0)
+
+
 def test_an_annealed_device_epoch_keeps_everything_with_weight_one():
   order, weights, size = jis.infobatch_order(
       jax.random.key(0), jnp.arange(10.0), prune=0.5, anneal=jnp.array(True))

@@ -171,6 +171,22 @@ def test_unscored_fraction_and_age_metrics():
     assert float(metrics["is/score_age"]) == pytest.approx(1.0)  # scored at step 0
 
 
+def test_an_index_outside_the_table_is_reported_and_not_aged():
+  # Inside jit an index can only be checked on the device: the step reports
+  # is/bad_index, falls back to uniform scores, and the mean score age is
+  # that of the entries read from the table (scored at step 3, read at 10).
+  data, sampler = _dataset(), _sampler()
+  state = sampler.init(_params(), jax.random.key(0))
+  state = state._replace(
+      step=jnp.asarray(10, jnp.int32),
+      table=state.table._replace(scored_at=jnp.full((N,), 3, jnp.int32)))
+  index = _indices(0).at[0].set(N + 5)
+  _, metrics = jax.jit(sampler.step)(state, jis.Indexed(data, index))
+  assert float(metrics["is/bad_index"]) == 1.0
+  assert float(metrics["is/fallback"]) == 1.0
+  assert float(metrics["is/score_age"]) == pytest.approx(7.0)
+
+
 def test_fresh_steps_score_the_whole_presample():
   data, params = _dataset(), _params()
   sampler = _sampler(jis.stale_scores(N, refresh_every=3))
