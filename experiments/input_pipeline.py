@@ -482,7 +482,7 @@ def epoch_permutation(key: jax.Array, epoch, n: int) -> jax.Array:
   ``jis.kept_first_order`` with every example kept: the same sort-based
   draw as the pruned epochs' (``jis.infobatch_order``), so that uniform and
   pruned runs pay alike for their epochs' orders; on XLA:CPU it takes a
-  quarter of ``jax.random.permutation``'s time (docs/performance_notes.md,
+  fifth of ``jax.random.permutation``'s time (docs/performance_notes.md,
   section 25).
   """
   return jis.kept_first_order(jax.random.fold_in(key, epoch),

@@ -284,6 +284,8 @@ def test_an_annealed_epoch_keeps_everything_with_weight_one():
      r"infobatch_order\(scored\) must have the scores' shape"),
     (lambda: jis.infobatch_order(jax.random.key(0), jnp.ones(3), prune=1.0),
      r"infobatch_order\(prune\)"),
+    (lambda: jis.kept_first_order(jax.random.key(0), jnp.ones((2, 2), bool)),
+     r"kept_first_order\(keep\) needs one bool per example, shape \[N\]"),
 ])
 def test_bad_arguments_name_the_fix(call, match):
   with pytest.raises(ValueError, match=match):
