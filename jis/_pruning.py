@@ -294,7 +294,8 @@ def kept_first_order(key: Array, keep: Array) -> Array:
   by the previous pass's order, so the passes together sort by all their
   random bits, as a radix sort does; the last pass spends its top bit on
   ``~keep``. Two passes up to ``N = 2¹⁶``, more above; keys with an index
-  beside them past ``2²⁶``.
+  beside them past ``2²⁶``. The packed keys are distinct, so each sort has
+  one result: a key gives the same order on every backend.
 
   Args:
     key: a PRNG key.
@@ -323,7 +324,7 @@ def kept_first_order(key: Array, keep: Array) -> Array:
   if free < _MIN_FREE_BITS:                 # too many passes: sort pairs
     bits = jax.random.bits(key, (n,), jnp.uint32) >> 1
     return jax.lax.sort((bits | pruned, jnp.arange(n, dtype=jnp.int32)),
-                        num_keys=1)[1]
+                        num_keys=1, is_stable=True)[1]
   passes = -(-32 // free)                   # passes · free − 1 ≥ 31 bits
   positions = jnp.arange(n, dtype=jnp.uint32)
   order = jnp.arange(n, dtype=jnp.int32)

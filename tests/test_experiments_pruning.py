@@ -305,8 +305,8 @@ def test_on_device_pruning_over_eight_devices_matches_one(fake_data, tmp_path):
   # Steps 20-25 train on the pruned epoch 1, drawn from the table of each.
   for x, y in zip(jax.tree.leaves(one.state.inner.params),
                   jax.tree.leaves(eight.state.inner.params)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
+                               atol=1e-6)   # issue 16's 1e-5 (measured: 6e-8)
   np.testing.assert_array_equal(np.asarray(one.state.table.scored_at),
                                 np.asarray(eight.state.table.scored_at))
 
