@@ -402,6 +402,18 @@ def _subset(split: Split, n: int) -> Split:
   return {k: v[:n] for k, v in split.items()} if n else split
 
 
+def noisy_labels(labels: np.ndarray, num_classes: int, share: float,
+                 seed: int = 1234) -> np.ndarray:
+  """``labels`` with each one redrawn, with probability ``share``, uniformly
+  over the ``num_classes`` classes (so it keeps its class ``1/num_classes``
+  of those times): label noise, the same for the same seed."""
+  rng = np.random.RandomState(seed)
+  labels = np.array(labels, np.int32)
+  flip = rng.rand(len(labels)) < share
+  labels[flip] = rng.randint(0, num_classes, flip.sum())
+  return labels
+
+
 def permute_pixels(images: np.ndarray, seed: int) -> np.ndarray:
   """``[N, H, W, 1]`` -> ``[N, H·W, 1]`` pixel sequences in a fixed random
   order (permuted pixel-by-pixel MNIST); the same seed, the same order."""
@@ -445,6 +457,13 @@ def load(cfg) -> Dataset:
 
   train = _subset(train, cfg.get("train_examples", 0))
   test = _subset(test, cfg.get("test_examples", 0))
+  noise = cfg.get("label_noise", 0.0)
+  if not 0.0 <= noise < 1.0:
+    raise ValueError(f"config.dataset.label_noise={noise} must lie in [0, 1): "
+                     "the share of training labels redrawn at random.")
+  if noise:
+    train = {**train, "label": noisy_labels(train["label"], spec.num_classes,
+                                            noise)}
   info = {"kind": "sequence" if name == "permuted_mnist" else spec.kind}
   if name == "permuted_mnist":
     seed = cfg.get("permutation_seed", 0)

@@ -99,6 +99,28 @@ def test_fake_files_in_every_local_format(tmp_path):
   assert reuters.train["input"].shape == (56, 64)   # 80% of 70
 
 
+def test_label_noise_redraws_a_share_of_the_training_labels(tmp_path):
+  # Against the definition: each training label redrawn uniformly over the
+  # C classes with probability p, so it changes with probability p(1 − 1/C);
+  # the test labels and the inputs are untouched; the same seed, the same.
+  root = experiments_testing.write_fake_data(str(tmp_path), n_train=4000,
+                                             n_test=20)
+  clean = input_pipeline.load(cfg("fashion_mnist", root))
+  noisy = input_pipeline.load(cfg("fashion_mnist", root, label_noise=0.4))
+  changed = np.mean(noisy.train["label"] != clean.train["label"])
+  expected = 0.4 * 0.9
+  assert abs(changed - expected) < 4 * np.sqrt(expected * (1 - expected) / 4000)
+  assert noisy.train["label"].dtype == np.int32
+  assert noisy.train["label"].min() >= 0 and noisy.train["label"].max() < 10
+  np.testing.assert_array_equal(noisy.test["label"], clean.test["label"])
+  np.testing.assert_array_equal(noisy.train["input"], clean.train["input"])
+  np.testing.assert_array_equal(
+      input_pipeline.load(cfg("fashion_mnist", root, label_noise=0.4)
+                          ).train["label"], noisy.train["label"])
+  with pytest.raises(ValueError, match=r"label_noise=1.0 must lie in \[0, 1\)"):
+    input_pipeline.load(cfg("fashion_mnist", root, label_noise=1.0))
+
+
 def test_idx_reader_checks_the_header(tmp_path):
   path = str(tmp_path / "x.gz")
   images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)

@@ -74,6 +74,9 @@ def base() -> ml_collections.ConfigDict:
       "tfds_data_dir": "",     # "" is tfds's default (~/tensorflow_datasets)
       "train_examples": 0,     # 0: all; else the first n (runlocal)
       "test_examples": 0,
+      # A share of the training labels redrawn uniformly over the classes
+      # (fixed seed; test labels stay clean): a check on noisy data.
+      "label_noise": 0.0,
   })
   c.input = ml_collections.ConfigDict({
       "normalize": "scale",    # scale (x/255) | standardize | zca (images)

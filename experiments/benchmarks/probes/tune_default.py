@@ -57,11 +57,8 @@ def load(model: str, data_dir: str):
   dataset = input_pipeline.load(config.dataset)
   noise = extra.get("label_noise", 0.0)
   if noise:
-    rng = np.random.RandomState(1234)
-    labels = dataset.train["label"].copy()
-    flip = rng.rand(len(labels)) < noise
-    labels[flip] = rng.randint(0, dataset.num_classes, flip.sum())
-    dataset.train = {**dataset.train, "label": labels.astype(np.int32)}
+    dataset.train = {**dataset.train, "label": input_pipeline.noisy_labels(
+        dataset.train["label"], dataset.num_classes, noise)}
   return config, dataset
 
 
