@@ -225,10 +225,9 @@ class PrunedOnDevice(OnDevice):
   def position(self, carry: PrunedPosition) -> Dict[str, Any]:
     perm, weights, kept = (np.asarray(placement_lib.fetch_replicated(x))
                            for x in (carry.perm, carry.weights, carry.size))
-    below_mean = np.ones(self._n, bool)
-    below_mean[perm[:kept]] = weights[perm[:kept]] != 1.0
-    return {**super().position(carry),
-            "below_mean": pruning.pack(below_mean)}
+    kept = perm[:kept]
+    return {**super().position(carry), "below_mean": pruning.pack(
+        pruning.below_mean(self._n, kept, weights[kept]))}
 
 
 class Shuffled:

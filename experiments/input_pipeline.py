@@ -510,8 +510,9 @@ def epoch_permutation(key: jax.Array, epoch, n: int) -> jax.Array:
 
 def advance(epoch, offset, n, size: int):
   """Where the next batch of ``size`` starts, from position ``(epoch,
-  offset)`` in epochs of ``n`` examples (traced or Python ints). Batches never straddle two epochs: the
-  end of an epoch too short for a batch is skipped. Returns ``(epoch, start)``.
+  offset)`` in epochs of ``n`` examples (traced or Python ints). Batches
+  never straddle two epochs: the end of an epoch too short for a batch is
+  skipped. Returns ``(epoch, start)``.
   """
   if isinstance(offset, int):
     return (epoch + 1, 0) if offset + size > n else (epoch, offset)

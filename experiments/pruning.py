@@ -88,6 +88,16 @@ def unpack(text: str, n: int) -> np.ndarray:
   return np.unpackbits(bits, count=n).astype(bool)
 
 
+def below_mean(n: int, kept: np.ndarray, weights: np.ndarray) -> np.ndarray:
+  """The examples an epoch of ``n`` treated as below the mean: those it
+  pruned (not in ``kept``) and those it kept with a weight other than 1
+  (``weights`` of the ``kept``, in their order). InfoBatch's epoch depends on
+  the table through them alone, so they are what a checkpoint keeps."""
+  low = np.ones(n, bool)
+  low[kept] = np.asarray(weights) != 1.0
+  return low
+
+
 class InfoBatchEpochs:
   """The epochs of an InfoBatch loader, for :class:`experiments.batches.Streamed`.
 
@@ -116,12 +126,8 @@ class InfoBatchEpochs:
     return input_pipeline.Epoch(order, weights)
 
   def below_mean(self, epoch: input_pipeline.Epoch) -> np.ndarray:
-    """The examples the epoch treated as below the mean: those it pruned and
-    those it kept with a weight other than 1. InfoBatch's epoch depends on
-    the table through them alone."""
-    low = np.ones(self._n, bool)
-    low[epoch.order] = epoch.weights != 1.0
-    return low
+    """The examples the epoch treated as below the mean (:func:`below_mean`)."""
+    return below_mean(self._n, epoch.order, epoch.weights)
 
   def redraw(self, epoch: int, below_mean: np.ndarray) -> input_pipeline.Epoch:
     """Epoch ``epoch`` again, from the examples that were below the mean."""
