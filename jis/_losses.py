@@ -63,8 +63,9 @@ def _check_same_shape(name: str, logits: Array, labels: Array) -> None:
         "output per example.")
 
 
-def _softmax_targets(logits: Array, labels: Array) -> Array:
-  """Integer labels [B, ...] or one-hot / soft labels [B, ..., C] as [B, ..., C]."""
+def _class_indices(logits: Array, labels: Array) -> bool:
+  """Whether ``labels`` are class indices [B, ...] rather than one-hot or
+  soft labels [B, ..., C]; raises when they are neither."""
   if labels.shape == logits.shape[:-1]:
     if not jnp.issubdtype(labels.dtype, jnp.integer):
       raise ValueError(
@@ -72,13 +73,20 @@ def _softmax_targets(logits: Array, labels: Array) -> Array:
           f"{labels.shape} (one per example) but dtype {labels.dtype}; class "
           "indices must be integers. Cast them with labels.astype(jnp.int32), "
           "or pass one-hot labels of the logits' shape.")
-    return jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    return True
   if labels.shape == logits.shape:
-    return labels.astype(logits.dtype)
+    return False
   raise ValueError(
       "loss='softmax_cross_entropy' needs integer labels of shape "
       f"{logits.shape[:-1]} or one-hot/soft labels of shape {logits.shape}; "
       f"got labels of shape {labels.shape} for logits of shape {logits.shape}.")
+
+
+def _softmax_targets(logits: Array, labels: Array) -> Array:
+  """Integer labels [B, ...] or one-hot / soft labels [B, ..., C] as [B, ..., C]."""
+  if _class_indices(logits, labels):
+    return jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+  return labels.astype(logits.dtype)
 
 
 def _mask_like(name: str, mask: Optional[Array], positions: tuple,
@@ -102,10 +110,18 @@ def _masked(values: Array, mask: Optional[Array]) -> Array:
 
 def _softmax_ce(logits, labels, mask=None):
   logits = _as_float(logits)
-  targets = _softmax_targets(logits, labels)
   m = _mask_like("softmax_cross_entropy", mask, logits.shape[:-1],
                  logits.ndim - 1)
-  return _row_sum(_masked(optax.softmax_cross_entropy(logits, targets), m))
+  if _class_indices(logits, labels):
+    # optax's integer-label form, the one train steps usually write: XLA
+    # then computes the log-normalizer of the train step's own logits once.
+    # An index outside [0, C) scores 0, as its all-zero one-hot row would.
+    valid = (labels >= 0) & (labels < logits.shape[-1])
+    losses = jnp.where(valid, optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels), 0.0)
+  else:
+    losses = optax.softmax_cross_entropy(logits, labels.astype(logits.dtype))
+  return _row_sum(_masked(losses, m))
 
 
 def _softmax_ce_norm(logits, labels, mask=None):

@@ -86,6 +86,41 @@ def test_per_example_losses_match_optax():
                              rtol=1e-6)
 
 
+def _numpy_softmax_ce(logits, labels):
+  """-log softmax(z)[y] in float64; 0 for a label outside [0, C) (its
+  one-hot row is all zero)."""
+  z = np.asarray(logits, np.float64)
+  log_p = z - z.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  y = np.asarray(labels)
+  valid = (y >= 0) & (y < z.shape[-1])
+  picked = np.take_along_axis(log_p, np.where(valid, y, 0)[..., None], -1)
+  return np.where(valid, -picked[..., 0], 0.0)
+
+
+def test_cross_entropy_of_class_indices_matches_numpy_and_one_hot_labels():
+  # Class indices take optax's integer-label form (which XLA can share with
+  # the train step's loss), one-hot labels the general one: both must give
+  # the numpy loss, and an index outside [0, C) (padding written as -1, or C)
+  # scores 0 as its all-zero one-hot row does, not a wrapped or NaN value.
+  ce = _losses.resolve_loss("softmax_cross_entropy").per_example
+  logits = 4 * jax.random.normal(jax.random.key(3), (7, 5))
+  labels = jnp.array([0, 4, 2, -1, 5, 3, -5])
+  expected = _numpy_softmax_ce(logits, labels)
+  assert expected[3] == expected[4] == expected[6] == 0.0
+  np.testing.assert_allclose(ce(logits, labels), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ce(logits, jax.nn.one_hot(labels, 5)), expected,
+                             rtol=1e-5, atol=1e-6)
+  # A sequence [n, T, C] with a mask: the masked positions' losses summed.
+  seq = jax.random.normal(jax.random.key(4), (3, 4, 5))
+  seq_labels = jax.random.randint(jax.random.key(5), (3, 4), -1, 5)
+  mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+  np.testing.assert_allclose(
+      ce(seq, seq_labels, mask),
+      (_numpy_softmax_ce(seq, seq_labels) * np.asarray(mask)).sum(1),
+      rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_loss_names_the_choices():
   with pytest.raises(ValueError, match=r"Unknown loss='hinge'.*softmax_cross_entropy"):
     jis.logit_grad_norm(jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), "hinge")
