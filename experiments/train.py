@@ -228,7 +228,7 @@ def train_chunk(loop: Loop, fed, statistics, aug_key, *, num_steps: int,
   if num_steps == 1:   # no loop at all
     return one(loop, 0)
   # One stacked array per metric. Concatenating them into one vector a step
-  # (one write instead of one per metric) made the default's step 6-7 %
+  # (one write instead of one per metric) made the default's step 5-9 %
   # slower on Reuters (docs/performance_notes.md, section 26).
   loop, metrics = jax.lax.scan(one, loop, jnp.arange(num_steps),
                                unroll=unroll)
