@@ -360,13 +360,17 @@ def _trained_scores(plan, model, static, rows, before, logits):
   from the step's own logits (free), else the forward pass before it."""
   if not any(_needs_trained_scores(plan, static)):
     return None
-  if logits is not None and not plan.score.per_parameter:
+  score = plan.score
+  if not score.per_parameter and (logits is not None or not score.needs_logits):
     return _scores_of(plan, model, None, rows, logits)
   if before is None:   # no logits_fn
-    raise ValueError(   # (a policy that observes needs logits_fn: _plan.make)
-        "The score table keeps the trained examples' scores, and without a "
-        "logits_fn they can only come from the train step: return its "
-        f"logits under metrics[{LOGITS_KEY!r}], or pass logits_fn.")
+    keeper = ("The score table keeps" if plan.table is not None
+              else "The policy observes")
+    raise ValueError(   # (a policy alone needs logits_fn: _plan.make)
+        f"{keeper} the trained examples' scores, and without a logits_fn "
+        f"score={plan.score.name!r} can only read them from the train step: "
+        f"return its logits under metrics[{LOGITS_KEY!r}], or pass "
+        "logits_fn.")
   return before
 
 

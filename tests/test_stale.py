@@ -155,6 +155,29 @@ def test_trained_examples_are_refreshed_and_the_others_untouched(train_step):
   assert np.any(state.table.scored_at != table0.scored_at)
 
 
+def test_trained_scores_without_logits_fn_come_from_the_train_step_or_fail_clearly():
+  # No logits_fn: a lookup-only table reads its scores from the train step's
+  # "is/logits". Without them the step refuses, naming the table and the
+  # fix; a score that reads no logits (uniform) needs neither, so a policy
+  # that observes uniform steps' scores runs on a train step without them.
+  data = _dataset()
+  table = jis.stale_scores(N, lookahead=False)
+  bare = jis.importance_step(_train_step_without_logits, None, batch_size=B,
+                             presample=BIG_B / B, score_table=table)
+  state = bare.init(_params(), jax.random.key(0))
+  with pytest.raises(ValueError, match=r"score table keeps.*score='loss'"
+                     r".*metrics\['is/logits'\].*logits_fn"):
+    bare.step(state, jis.Indexed(data, _indices(0)))
+  observer = jis.importance_step(
+      _train_step_without_logits, None, batch_size=B, presample=BIG_B / B,
+      score="uniform", policy=jis.selective_backprop(), condition=jis.never())
+  state = observer.init(_params(), jax.random.key(0))
+  for t in range(2):
+    state, metrics = jax.jit(observer.step)(
+        state, {k: v[_indices(t)] for k, v in data.items()})
+  assert np.isfinite(float(metrics["loss"]))
+
+
 def test_unscored_fraction_and_age_metrics():
   data = _dataset()
   sampler = _sampler()
