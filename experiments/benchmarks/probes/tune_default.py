@@ -54,12 +54,8 @@ def load(model: str, data_dir: str):
   name, extra = MODELS[model]
   config = importlib.import_module(f"experiments.configs.{name}").get_config()
   config.dataset.data_dir = data_dir
-  dataset = input_pipeline.load(config.dataset)
-  noise = extra.get("label_noise", 0.0)
-  if noise:
-    dataset.train = {**dataset.train, "label": input_pipeline.noisy_labels(
-        dataset.train["label"], dataset.num_classes, noise)}
-  return config, dataset
+  config.dataset.label_noise = extra.get("label_noise", 0.0)
+  return config, input_pipeline.load(config.dataset)
 
 
 class Runner:
