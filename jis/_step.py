@@ -368,7 +368,7 @@ def _trained_scores(plan, model, static, rows, before, logits):
               else "The policy observes")
     raise ValueError(   # (a policy alone needs logits_fn: _plan.make)
         f"{keeper} the trained examples' scores, and without a logits_fn "
-        f"score={plan.score.name!r} can only read them from the train step: "
+        f"score={score.name!r} can only read them from the train step: "
         f"return its logits under metrics[{LOGITS_KEY!r}], or pass "
         "logits_fn.")
   return before
