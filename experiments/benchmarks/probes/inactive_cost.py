@@ -1,20 +1,26 @@
 """The default step while importance sampling stays off, against the plain step.
 
 What a user sees when τ never crosses its threshold (docs/performance_notes.md,
-section 17): an MLP on Fashion-MNIST (784-H-10, dropout 0.2, adam 1e-3,
-b = 128, B = 384, probes on), one step per call, timed interleaved in one
-process:
+sections 17 and 27): an MLP on Fashion-MNIST (784-H-10, or 784-H-H-10 with a
+fourth argument 2; images as uint8, or float32 with a fifth; dropout 0.2, adam 1e-3, b = 128, B = 384, probes on), a
+``train_step`` without ``"is/logits"``, timed interleaved in one process:
 
-* ``nnx``: Flax NNX objects and ``nnx.jit``, the plain ``train_step`` against
-  ``jis.nnx.ImportanceSampler`` at its defaults;
+* ``nnx``: Flax NNX objects and ``nnx.jit``, one call a step, batches from
+  host memory: the plain ``train_step`` against ``jis.nnx.ImportanceSampler``
+  at its defaults;
+* ``jit``: Linen, ``jax.jit``, one call a step, batches from host memory
+  (numpy slices of a shuffled split, as a ``tfds`` numpy iterator gives
+  them);
 * ``scan``: Linen, data on device, ``lax.scan`` over 256 steps a dispatch, each
-  step gathering its rows from the dataset, the plain step on ``b`` rows
-  against ``jis.importance_step`` at its defaults on ``B`` rows.
+  step gathering its rows from the dataset.
 
-A module named ``jis_before`` on ``sys.path`` (an older jis, see ``ab.py``)
-adds its default step to both. Usage (prints a table, writes JSON)::
+In each, ``default`` is ``jis.importance_step`` at its defaults fed
+presamples of ``B`` rows, and ``rolling`` the same with ``rolling=True`` fed
+the ``b`` rows the plain step gets. A module named ``jis_before`` on
+``sys.path`` (an older jis, see ``ab.py``) adds its default step. Usage
+(prints a table, writes JSON)::
 
-  python experiments/benchmarks/probes/inactive_cost.py 15 64 /tmp/inactive.json
+  python experiments/benchmarks/probes/inactive_cost.py 15 64 /tmp/inactive.json [LAYERS [DTYPE]]
 """
 import gzip
 import json
@@ -41,6 +47,10 @@ except ImportError:
   jis_before = None
 
 REPS, H, OUT = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+LAYERS = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+# The images as the loader holds them: uint8 bytes, or float32 (a split
+# normalized on the host: 4x the bytes to load and transfer).
+DTYPE = sys.argv[5] if len(sys.argv) > 5 else "uint8"
 DATA = "../shared/data/fashion_mnist/"
 b, K, CALLS = 128, 256, 60
 
@@ -50,19 +60,38 @@ def _read(name, offset):
     return np.frombuffer(f.read(), np.uint8, offset=offset)
 
 
-X = _read("train-images-idx3-ubyte.gz", 16).reshape(-1, 784)
+X = _read("train-images-idx3-ubyte.gz", 16).reshape(-1, 784).astype(DTYPE)
 Y = _read("train-labels-idx1-ubyte.gz", 8).astype(np.int32)
 N = len(Y)
+
+
+def _host_batches(n):
+  """``CALLS`` consecutive ``n``-row numpy slices of a shuffled split: the
+  batches a host loader (a ``tfds`` numpy iterator) hands a step."""
+  order = np.random.default_rng(0).permutation(N)
+  return [{"x": X[order[i * n:(i + 1) * n]], "label": Y[order[i * n:(i + 1) * n]]}
+          for i in range(CALLS)]
+
+
+def _modules():
+  return {"default": jis} if jis_before is None else {
+      "default": jis, "default_before": jis_before}
 
 
 def nnx_programs():
   class MLP(nnx.Module):
     def __init__(self, rngs):
-      self.l1, self.l2 = nnx.Linear(784, H, rngs=rngs), nnx.Linear(H, 10, rngs=rngs)
+      sizes = [784] + [H] * LAYERS
+      self.hidden = nnx.List([nnx.Linear(i, o, rngs=rngs)
+                              for i, o in zip(sizes, sizes[1:])])
+      self.out = nnx.Linear(H, 10, rngs=rngs)
       self.drop = nnx.Dropout(0.2, rngs=rngs)
 
     def __call__(self, x):
-      return self.l2(self.drop(nnx.relu(self.l1(x.astype(jnp.float32) / 255))))
+      x = x.astype(jnp.float32) / 255
+      for layer in self.hidden:
+        x = self.drop(nnx.relu(layer(x)))
+      return self.out(x)
 
   def train_step(model, opt, batch, weights):
     def loss_fn(model):
@@ -88,10 +117,7 @@ def nnx_programs():
   def sampled(sampler, model, opt, batch):
     return sampler(model, opt, batch)
 
-  rng = np.random.default_rng(0)
-  rows = [rng.integers(0, N, 3 * b) for _ in range(CALLS)]
-  small = [{"x": jnp.asarray(X[i[:b]]), "label": jnp.asarray(Y[i[:b]])} for i in rows]
-  big = [{"x": jnp.asarray(X[i]), "label": jnp.asarray(Y[i])} for i in rows]
+  small, big = _host_batches(b), _host_batches(3 * b)
 
   def loop(fn, batches, *objs):
     def run():
@@ -100,26 +126,31 @@ def nnx_programs():
       jax.block_until_ready(m)
     return run
   progs = {"plain": loop(plain, small, *objects())}
-  modules = {"default": jis} if jis_before is None else {
-      "default": jis, "default_before": jis_before}
-  for name, module in modules.items():
+  for name, module in _modules().items():
     nnx_module = module.nnx if module is jis else module._nnx
     sampler = nnx_module.ImportanceSampler(train_step, logits_fn, batch_size=b,
                                            rngs=nnx.Rngs(1))
     progs[name] = loop(sampled, big, sampler, *objects())
+  sampler = jis.nnx.ImportanceSampler(train_step, logits_fn, batch_size=b,
+                                      rngs=nnx.Rngs(1), rolling=True,
+                                      batch=small[0])
+  progs["rolling"] = loop(sampled, small, sampler, *objects())
   return progs, CALLS
 
 
-def scan_programs():
+def _linen():
+  """The Linen MLP, its train step (no ``"is/logits"``), logits_fn and a
+  fresh train state maker."""
   class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, train):
-      x = nn.relu(nn.Dense(H)(x.astype(jnp.float32) / 255))
-      return nn.Dense(10)(nn.Dropout(0.2, deterministic=not train)(x))
+      x = x.astype(jnp.float32) / 255
+      for _ in range(LAYERS):
+        x = nn.Dropout(0.2, deterministic=not train)(nn.relu(nn.Dense(H)(x)))
+      return nn.Dense(10)(x)
 
   model = MLP()
   params = model.init(jax.random.key(0), jnp.zeros((1, 784)), False)["params"]
-  xs, ys = jnp.asarray(X), jnp.asarray(Y)
 
   def train_step(state, batch, weights):
     rng = jax.random.fold_in(jax.random.key(1), state.step)
@@ -133,34 +164,67 @@ def scan_programs():
   def logits_fn(state, batch):
     return model.apply({"params": state.params}, batch["x"], False)
 
-  def scanned(step, n):
-    def body(s, key):
-      i = jax.random.randint(key, (n,), 0, N)
-      return step(s, {"x": xs[i], "label": ys[i]})
-    run = jax.jit(lambda s, key: jax.lax.scan(body, s, jax.random.split(key, K)),
-                  donate_argnums=0)
-    return run
-
   def state():
     return train_state.TrainState.create(   # own buffers: the run donates
         apply_fn=model.apply, params=jax.tree.map(jnp.copy, params),
         tx=optax.adam(1e-3))
-  carry = {}
+  return train_step, logits_fn, state
 
-  def program(name, fn, init):
-    carry[name] = init
-    def run():
-      carry[name], m = fn(carry[name], jax.random.key(len(carry)))
-      jax.block_until_ready(m)
-    return run
-  progs = {"plain": program("plain", scanned(
-      lambda s, batch: train_step(s, batch, jnp.ones((b,))), b), state())}
-  modules = {"default": jis} if jis_before is None else {
-      "default": jis, "default_before": jis_before}
-  for name, module in modules.items():
+
+def _carried(progs, name, fn, init, feed):
+  """A program that threads its state through ``fn(state, feed(i))``."""
+  carry = {"state": init}
+
+  def run():
+    for i in range(len(feed)):
+      carry["state"], m = fn(carry["state"], feed[i])
+    jax.block_until_ready(m)
+  progs[name] = run
+
+
+def jit_programs():
+  train_step, logits_fn, state = _linen()
+  small, big = _host_batches(b), _host_batches(3 * b)
+  progs = {}
+  _carried(progs, "plain", jax.jit(
+      lambda s, batch: train_step(s, batch, jnp.ones((b,))),
+      donate_argnums=0), state(), small)
+  for name, module in _modules().items():
     sampler = module.importance_step(train_step, logits_fn, batch_size=b)
-    progs[name] = program(name, scanned(sampler.step, 3 * b),
-                          sampler.init(state(), jax.random.key(0)))
+    _carried(progs, name, jax.jit(sampler.step, donate_argnums=0),
+             sampler.init(state(), jax.random.key(0)), big)
+  sampler = jis.importance_step(train_step, logits_fn, batch_size=b,
+                                rolling=True)
+  _carried(progs, "rolling", jax.jit(sampler.step, donate_argnums=0),
+           sampler.init(state(), jax.random.key(0), small[0]), small)
+  return progs, CALLS
+
+
+def scan_programs():
+  train_step, logits_fn, state = _linen()
+  xs, ys = jnp.asarray(X), jnp.asarray(Y)
+
+  def scanned(step, n):
+    def body(s, key):
+      i = jax.random.randint(key, (n,), 0, N)
+      return step(s, {"x": xs[i], "label": ys[i]})
+    return jax.jit(lambda s, key: jax.lax.scan(body, s, jax.random.split(key, K)),
+                   donate_argnums=0)
+
+  keys = [jax.random.key(i) for i in range(1000)]
+  progs = {}
+  _carried(progs, "plain", scanned(
+      lambda s, batch: train_step(s, batch, jnp.ones((b,))), b), state(),
+      keys[:1])
+  for name, module in _modules().items():
+    sampler = module.importance_step(train_step, logits_fn, batch_size=b)
+    _carried(progs, name, scanned(sampler.step, 3 * b),
+             sampler.init(state(), jax.random.key(0)), keys[:1])
+  sampler = jis.importance_step(train_step, logits_fn, batch_size=b,
+                                rolling=True)
+  example = {"x": xs[:b], "label": ys[:b]}
+  _carried(progs, "rolling", scanned(sampler.step, b),
+           sampler.init(state(), jax.random.key(0), example), keys[:1])
   return progs, K
 
 
@@ -177,9 +241,11 @@ def measure(progs, steps):
   return out
 
 
-result = {"hidden": H, "batch_size": b, "presample_size": 3 * b,
-          "repeats": REPS, "jax": jax.__version__,
+result = {**common.header(sys.argv), "hidden": [H] * LAYERS, "dtype": DTYPE,
+          "batch_size": b,
+          "presample_size": 3 * b, "repeats": REPS,
           "loops": {"nnx": measure(*nnx_programs()),
+                    "jit": measure(*jit_programs()),
                     "scan": measure(*scan_programs())}}
 for loop_name, rows in result["loops"].items():
   for name, r in rows.items():
