@@ -173,8 +173,7 @@ def build(sampler_cfg: Mapping[str, Any], train_step: Callable,
           logits_fn: Callable, batch_size: int,
           num_examples: Optional[int] = None,
           mesh=None, pruning: str = "") -> Tuple[jis.ImportanceStep, int]:
-  """``jis.importance_step`` as ``sampler_cfg`` asks, and the presample size B
-  the loader reads (``b`` with ``rolling``: jis keeps the last ``B`` rows).
+  """``jis.importance_step`` as ``sampler_cfg`` asks, and the presample size B.
 
   ``sampler_cfg.score_dtype`` (when set, e.g. ``"bfloat16"``) wraps
   ``logits_fn`` in ``jis.low_precision``: the scoring pass's products run in
@@ -207,7 +206,5 @@ def build(sampler_cfg: Mapping[str, Any], train_step: Callable,
     kwargs["mesh"] = mesh
   sampler = jis.importance_step(train_step, logits_fn, batch_size=batch_size,
                                 **kwargs)
-  if kwargs.get("rolling"):   # the loader reads b rows; jis keeps B
-    return sampler, batch_size
   presample = kwargs.get("presample", params["presample"].default)
   return sampler, int(round(presample * batch_size))

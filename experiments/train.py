@@ -367,25 +367,7 @@ def _build(config: ml_collections.ConfigDict) -> _Parts:
                len(dataset.test["label"]), config.model.name,
                sum(x.size for x in jax.tree.leaves(state.params)), b, big_b)
   return _Parts(dataset, placement, preprocess, statistics, sampler,
-                sampler.init(state, jis_key, *_rolling_example(
-                    config, b, preprocess, placement)),
-                big_b, data_key, aug_key)
-
-
-def _rolling_example(config, b: int, preprocess, placement) -> tuple:
-  """``init``'s example batch with ``config.sampler.rolling``: the loader's
-  ``jis.Indexed`` presample of ``b`` int32 dataset indices (the pool keeps
-  indices); ``()`` otherwise."""
-  if not config.sampler.get("rolling"):
-    return ()
-  if not (config.data_on_device and not preprocess.augment
-          and pruning.method(config) != "infobatch"
-          and placement.mesh is None):
-    raise ValueError(
-        "config.sampler.rolling keeps the dataset indices of the last B rows, "
-        "so here it needs presamples of indices into the split on one device: "
-        "config.data_on_device=True, no augmentation, no pruning, one device.")
-  return (jis.Indexed(None, jax.ShapeDtypeStruct((b,), jnp.int32)),)
+                sampler.init(state, jis_key), big_b, data_key, aug_key)
 
 
 def _source(config, parts: _Parts, position):

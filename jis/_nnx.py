@@ -215,10 +215,6 @@ class ImportanceSampler(nnx.Pytree):
     graph: NNX graph mode (True) or tree mode (False) for splitting the
       objects; None follows ``nnx.set_graph_mode`` at each call, as
       ``nnx.Optimizer`` does.
-    batch: with ``rolling=True``, one batch of ``batch_size`` rows (or its
-      ``jax.ShapeDtypeStruct``) that shapes the pool of the last ``B`` rows;
-      the sampler is then called with the batches of a uniform step.
-      Refused otherwise.
     **options: any keyword option of :func:`jis.importance_step`
       (``presample``, ``loss``, ``labels``, ``score``, ``tau_threshold``, ...).
 
@@ -226,8 +222,8 @@ class ImportanceSampler(nnx.Pytree):
     state: the :class:`SamplerState` variable holding the
       :class:`jis.ImportanceState` fields other than ``inner``
       (``sampler.state.get_value().tau``).
-    key, step, tau, condition, transforms, policy, table, tau_step, pool:
-      those fields, read-only (``sampler.tau``).
+    key, step, tau, condition, transforms, policy, table, tau_step: those
+      fields, read-only (``sampler.tau``).
     pure: the :class:`jis.ImportanceStep` the sampler runs.
 
   Examples:
@@ -262,7 +258,7 @@ class ImportanceSampler(nnx.Pytree):
   def __init__(self, train_step: Callable[..., Optional[Mapping]],
                logits_fn: Optional[Callable[[Any, PyTree], jax.Array]], *,
                batch_size: int, rngs: nnx.Rngs, graph: Optional[bool] = None,
-               batch: Optional[PyTree] = None, **options):
+               **options):
     if not callable(train_step):
       raise TypeError(
           f"train_step must be callable; got {_describe(train_step)}.")
@@ -286,8 +282,7 @@ class ImportanceSampler(nnx.Pytree):
         None if logits_fn is None else _pure_logits_fn(logits_fn),
         batch_size=batch_size, **options)
     # rngs["jis"] falls back to the default stream, as rngs.dropout does.
-    self.state = SamplerState(self.pure.init(
-        (), rngs[_STREAM](), *(() if batch is None else (batch,))))
+    self.state = SamplerState(self.pure.init((), rngs[_STREAM]()))
 
   def __call__(self, *objects_and_batch) -> dict:
     """``sampler(*objects, batch)``: one importance-sampled ``train_step``.
@@ -317,7 +312,6 @@ class ImportanceSampler(nnx.Pytree):
   transforms = _field("transforms")
   policy = _field("policy")
   table = _field("table")
-  pool = _field("pool")
 
   def _check_call(self, args):
     usage = ("Call sampler(model, [optimizer, metrics, rngs, ...], batch): "

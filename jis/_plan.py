@@ -62,8 +62,6 @@ class Plan(NamedTuple):
       ahead when its presample is :class:`jis.Indexed`.
     diagnostics: whether the step reports the metrics that cost a sort or a
       log (``is/selected_fraction_unique``, ``is/entropy``).
-    rolling: whether ``step`` takes ``b`` rows and keeps the last ``B`` in
-      the state (:mod:`jis._rolling`) instead of taking a presample of ``B``.
   """
   batch_size: int
   presample_size: int
@@ -83,7 +81,6 @@ class Plan(NamedTuple):
   static_active: Optional[bool]
   may_look_ahead: bool
   diagnostics: bool
-  rolling: bool = False
 
 
 def batch_getter(option: str, what: str, key) -> Callable[[PyTree], Any]:
@@ -229,34 +226,11 @@ def _static_active(condition, score, threshold) -> Optional[bool]:
   return condition.constant
 
 
-def _check_rolling(rolling, big_b: int, b: int, score_table, budget,
-                   mesh) -> bool:
-  """Validates ``rolling=``; whether it is on."""
-  if rolling not in (True, False):
-    raise TypeError(f"rolling must be True or False; got {rolling!r}.")
-  if not rolling:
-    return False
-  if big_b % b:
-    raise ValueError(
-        f"rolling=True keeps the last B/b uniform batches, so B = round("
-        f"presample * batch_size) = {big_b} must be a multiple of batch_size "
-        f"= {b}: pass an integer presample.")
-  refused = [name for name, value in (("score_table", score_table),
-                                      ("budget", budget), ("mesh", mesh))
-             if value is not None]
-  if refused:
-    raise ValueError(
-        f"rolling=True does not combine with {' or '.join(refused)} yet: "
-        "pass presamples of B rows (rolling=False) there.")
-  return True
-
-
 def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
          example_weights, score,
          tau_threshold, tau_momentum, k, smooth, adaptive_smooth,
          score_transforms, policy, condition, score_table, budget,
-         forward_batch_size, mesh, data_axis, resample, diagnostics,
-         rolling=False) -> Plan:
+         forward_batch_size, mesh, data_axis, resample, diagnostics) -> Plan:
   """Validates every option of ``importance_step`` and resolves its plan."""
   b = _validate.number("batch_size", batch_size, 1, integer=True)
   presample = _validate.number(
@@ -300,10 +274,6 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
   condition, threshold = _condition(condition, tau_threshold, budget,
                                     score_table, big_b, b)
   static_active = _static_active(condition, score_, threshold)
-  if _check_rolling(rolling, big_b, b, score_table, budget, mesh):
-    # Importance steps wait for the pool to fill: a condition that is always
-    # on still needs the cond for the first B/b - 1 steps.
-    static_active = None if static_active is True else static_active
   # Lookahead (stale_scores) needs every step to resample, on one device;
   # a step looks ahead when, besides, its presample is jis.Indexed.
   can_look_ahead = static_active is True and placement.layout.mesh is None
@@ -328,4 +298,4 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
       static_active=static_active,
       may_look_ahead=(score_table is not None and can_look_ahead
                       and score_table.lookahead is not False),
-      diagnostics=bool(diagnostics), rolling=bool(rolling))
+      diagnostics=bool(diagnostics))

@@ -36,7 +36,6 @@ from jis import _conditions
 from jis import _indexed
 from jis import _plan
 from jis import _policies
-from jis import _rolling
 from jis import _scores
 from jis import _stale
 from jis import _transforms
@@ -70,8 +69,6 @@ class ImportanceState(NamedTuple):
       τ averages over steps, not over measurements.
     pending: the rows the next step trains on, drawn by this one
       (:class:`jis.stale_scores`'s lookahead), or ``()``.
-    pool: with ``rolling=True``, the last ``B`` rows ``step`` was given (or,
-      for :class:`jis.Indexed` batches, their dataset indices); else ``()``.
   """
   inner: PyTree
   key: Array
@@ -83,21 +80,16 @@ class ImportanceState(NamedTuple):
   table: PyTree = ()
   tau_step: Array = -1
   pending: PyTree = ()
-  pool: PyTree = ()
 
 
 class ImportanceStep(NamedTuple):
   """The pure functions returned by :func:`importance_step`.
 
   Attributes:
-    init: ``(train_state, key) -> ImportanceState``; with ``rolling=True``,
-      ``(train_state, key, batch) -> ImportanceState``, ``batch`` one uniform
-      batch of ``b`` rows (or its ``jax.ShapeDtypeStruct``) that shapes the
-      pool.
-    step: ``(ImportanceState, presample_batch) -> (ImportanceState, metrics)``;
-      with ``rolling=True`` it takes the ``b`` rows of a uniform step.
+    init: ``(train_state, key) -> ImportanceState``.
+    step: ``(ImportanceState, presample_batch) -> (ImportanceState, metrics)``.
   """
-  init: Callable[..., ImportanceState]
+  init: Callable[[PyTree, Array], ImportanceState]
   step: Callable[[ImportanceState, PyTree], tuple]
 
 
@@ -589,8 +581,6 @@ def _step(plan, model, state: ImportanceState, batch):
   if not isinstance(state, ImportanceState):
     raise TypeError("step(state, batch) needs the ImportanceState made by "
                     f"sampler.init; got {type(state).__name__}.")
-  if plan.rolling:
-    return _rolling_step(plan, model, state, batch)
   _check_batch(plan, batch)
   if plan.table is not None:   # a missing index is the first error to see
     _stale.check_index(plan.table, plan.table.index(batch),
@@ -606,23 +596,7 @@ def _step(plan, model, state: ImportanceState, batch):
   return _put_own(plan, new_state), metrics
 
 
-def _rolling_step(plan, model, state: ImportanceState, batch):
-  """``rolling=True``: ``batch``'s ``b`` rows into the pool, then the step on
-  the pool, with importance sampling held off until the pool is full. Every
-  call consumes the ``b`` rows it was given (``is/rows_used = b``)."""
-  b, big_b = plan.batch_size, plan.presample_size
-  _rolling.check(batch, state.pool, b)
-  pool, presample = _rolling.push(state.pool, batch, state.step, b, big_b)
-  active = _active(plan, state) & _rolling.filled(state.step, b, big_b)
-  new_state, metrics = _sized_step(
-      plan, model, state, presample, static=plan.static_active, active=active,
-      n_scored=big_b, n_train=b)
-  metrics["is/rows_used"] = jnp.asarray(b, jnp.int32)
-  return _put_own(plan, new_state._replace(pool=pool)), metrics
-
-
-def _init(plan, train_state: PyTree, key: Array,
-          batch: Optional[PyTree] = None) -> ImportanceState:
+def _init(plan, train_state: PyTree, key: Array) -> ImportanceState:
   if not (isinstance(key, jax.Array) and (
       jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
       or (key.dtype == jnp.uint32 and key.shape == (2,)))):
@@ -643,14 +617,6 @@ def _init(plan, train_state: PyTree, key: Array,
       tau_step=jnp.full((), -1, jnp.int32),
       pending=(_stale.init_pending(plan.batch_size)
                if plan.may_look_ahead else ()))
-  if plan.rolling:
-    state = state._replace(pool=_rolling.init(batch, plan.batch_size,
-                                              plan.presample_size))
-  elif batch is not None:
-    raise ValueError(
-        "init(train_state, key, batch): the batch shapes the pool of "
-        "rolling=True; this sampler takes presamples of B rows. Drop the "
-        "batch, or pass rolling=True to importance_step.")
   return _put_own(plan, state)
 
 
@@ -680,7 +646,6 @@ def importance_step(
     data_axis: Union[str, Sequence[str]] = "data",
     resample: str = "global",
     diagnostics: bool = False,
-    rolling: bool = False,
     k: Optional[float] = None,
     smooth: float = 0.0,
     adaptive_smooth: bool = False,
@@ -795,15 +760,6 @@ def importance_step(
       example crosses devices).
     diagnostics: also report ``is/selected_fraction_unique`` and
       ``is/entropy``, which cost a sort and a log over the presample.
-    rolling: ``step`` takes the ``b`` rows of a uniform step, the batches
-      your uniform loop feeds, and keeps the last ``B`` of them in
-      ``state.pool`` (the rows, or the indices of :class:`jis.Indexed`
-      batches); ``init`` then takes an example batch. A uniform step trains
-      on the rows it was given, so while importance sampling is off the run
-      loads and trains on what uniform training does; an importance step
-      scores the pool and draws from it (from step ``B/b − 1`` on, once it
-      is full). ``B`` must be a multiple of ``b``; one device, no
-      ``score_table`` or ``budget`` (for now). See ``docs/strategies.md``.
     k: deprecated: ``policy=jis.importance_sampling(k=...)``.
     smooth: deprecated: ``score_transforms=(jis.additive_smoothing(c),)``.
     adaptive_smooth: deprecated: ``score_transforms=(jis.adaptive_smoothing(c),)``.
@@ -854,8 +810,7 @@ def importance_step(
       adaptive_smooth=adaptive_smooth, score_transforms=score_transforms,
       policy=policy, condition=condition, score_table=score_table,
       budget=budget, forward_batch_size=forward_batch_size, mesh=mesh,
-      data_axis=data_axis, resample=resample, diagnostics=diagnostics,
-      rolling=rolling)
+      data_axis=data_axis, resample=resample, diagnostics=diagnostics)
   model = _Model(train_step, logits_fn)
   return ImportanceStep(functools.partial(_init, plan),
                         functools.partial(_step, plan, model))

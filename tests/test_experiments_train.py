@@ -244,32 +244,3 @@ def test_two_runs_taking_turns_train_as_each_alone(fake_data, tmp_path):
     assert_same_state(a.state.inner.params, b.state.inner.params)
     # Five handovers of 0.2 s, and the other run's turns, are not training.
     assert b.train_seconds < 0.5
-
-
-def test_a_rolling_run_reads_b_rows_a_step_and_resumes_bit_exact(
-    fake_data, tmp_path):
-  # b = 8 and 160 examples: 20 steps a data epoch; jis keeps the last
-  # B = 24 dataset indices in the checkpointed state.
-  config = lambda steps: tiny_config(fake_data, num_steps=steps,
-                                     **{"sampler.rolling": True})
-  whole = train.train_and_evaluate(config(23), str(tmp_path / "whole"))
-  first = train.train_and_evaluate(config(13), str(tmp_path / "split"))
-  resumed = train.train_and_evaluate(config(23), str(tmp_path / "split"))
-  assert_same_state(whole.state, resumed.state)   # the pool included
-  assert whole.state.pool.shape == (24,)
-  assert first.state.step == 13
-  ckpt = checkpoints.Checkpointer(str(tmp_path / "whole" / "checkpoints"), 2)
-  _, meta = ckpt.restore(23, {"jis": whole.state})
-  ckpt.close()
-  assert meta["data"] == {"source": "device", "epoch": 1, "offset": 24}
-  assert meta["presample_size"] == 8
-  records = metric_writer.read_metrics(str(tmp_path / "whole"))
-  active = [r["is/active"] for r in records if "is/active" in r]
-  assert active and max(active) == 1.0   # it resampled, once the pool filled
-
-
-def test_rolling_refuses_what_it_cannot_keep(fake_data, tmp_path):
-  with pytest.raises(ValueError, match="config.data_on_device=True"):
-    train.train_and_evaluate(
-        tiny_config(fake_data, data_on_device=False,
-                    **{"sampler.rolling": True}), str(tmp_path))

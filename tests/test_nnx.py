@@ -369,37 +369,3 @@ def test_a_score_table_looks_ahead_on_indexed_presamples():
   assert bool(pending.ready) and pending.index.shape == (b,)
   assert set(np.asarray(pending.index).tolist()) <= set(range(2 * B, 3 * B))
   assert int(sampler.step[...]) == 3
-
-
-def test_rolling_switched_off_equals_the_unwrapped_step_bit_for_bit(reference):
-  """rolling=True: the sampler takes the b rows of a uniform step; switched
-  off it trains on exactly those, as the unwrapped step does."""
-  rows = [jax.tree.map(lambda v: v[:b], p) for p in presamples()]
-  sampler = sampler_for(tau_threshold=float("inf"), rolling=True,
-                        batch=rows[0])
-  objs = objects()
-  for batch in rows:
-    metrics = sampled_step(sampler, *objs, batch)
-  ref_state, ref_losses = reference
-  assert_equal(nnx.as_pure(nnx.state(objs)), ref_state)
-  np.testing.assert_array_equal(metrics["loss"], ref_losses[-1])
-  assert int(metrics["is/rows_used"]) == b
-  slot = (STEPS - 1) % (B // b)   # the ring slot the last call wrote
-  np.testing.assert_array_equal(sampler.pool["label"][slot * b:(slot + 1) * b],
-                                rows[-1]["label"])
-
-
-def test_rolling_resamples_once_the_pool_is_full_and_compiles_once():
-  objs = objects()
-  sampler = sampler_for(rolling=True, batch=jax.tree.map(
-      lambda v: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype),
-      presamples()[0]))
-  before, active = len(traces), []
-  for p in presamples():
-    for half in (p, jax.tree.map(lambda v: v[b:], p)):
-      active.append(float(sampled_step(sampler, *objs, jax.tree.map(
-          lambda v: v[:b], half))["is/active"]))
-  assert active == [0.0] * (B // b - 1) + [1.0] * (2 * STEPS - B // b + 1)
-  assert len(traces) - before == 1
-  with pytest.raises(ValueError, match="shapes the pool of rolling=True"):
-    sampler_for(batch=presamples()[0])

@@ -135,9 +135,6 @@ METHODS = {
                                      "anneal_fraction": 0.0}},
     # The unbiased estimator of the paper, for comparison with the default.
     "unbiased": {"policy": "importance_sampling()"},
-    # The default fed the b rows of a uniform step: jis keeps the last B
-    # (rolling=True), so the loader reads what uniform training reads.
-    "rolling": {"rolling": True},
 }
 DEFAULT_METHODS = ("uniform", "default", "no_scoring_pass")
 

@@ -55,10 +55,6 @@ def sampler() -> ml_collections.ConfigDict:
       # Score the presample in passes of this many examples (a multiple of
       # the device count dividing B); None: one pass.
       "forward_batch_size": config_dict.placeholder(int),
-      # True: each step takes the b rows of a uniform step and jis keeps the
-      # last B (jis.importance_step(rolling=True)); the loader then reads b
-      # rows a step. Needs presamples on the device (jis.Indexed).
-      "rolling": config_dict.placeholder(bool),
       # Not an importance_step option: "bfloat16" wraps logits_fn in
       # jis.low_precision (products in bfloat16, accumulated in float32);
       # "" scores in the model's own precision.

@@ -15,10 +15,10 @@ fourth argument 2; images as uint8, or float32 with a fifth; dropout 0.2, adam 1
   step gathering its rows from the dataset.
 
 In each, ``default`` is ``jis.importance_step`` at its defaults fed
-presamples of ``B`` rows, and ``rolling`` the same with ``rolling=True`` fed
-the ``b`` rows the plain step gets. A module named ``jis_before`` on
-``sys.path`` (an older jis, see ``ab.py``) adds its default step. Usage
-(prints a table, writes JSON)::
+presamples of ``B`` rows, and ``plain_B`` the plain step fed the same ``B``
+rows, training on the first ``b``: what loading a presample costs alone.
+A module named ``jis_before`` on ``sys.path`` (an older jis, see ``ab.py``)
+adds its default step. Usage (prints a table, writes JSON)::
 
   python experiments/benchmarks/probes/inactive_cost.py 15 64 /tmp/inactive.json [LAYERS [DTYPE]]
 """
@@ -114,6 +114,11 @@ def nnx_programs():
     return train_step(model, opt, batch, jnp.ones((b,)))
 
   @nnx.jit
+  def plain_b(model, opt, batch):
+    return train_step(model, opt, jax.tree.map(lambda x: x[:b], batch),
+                      jnp.ones((b,)))
+
+  @nnx.jit
   def sampled(sampler, model, opt, batch):
     return sampler(model, opt, batch)
 
@@ -131,10 +136,7 @@ def nnx_programs():
     sampler = nnx_module.ImportanceSampler(train_step, logits_fn, batch_size=b,
                                            rngs=nnx.Rngs(1))
     progs[name] = loop(sampled, big, sampler, *objects())
-  sampler = jis.nnx.ImportanceSampler(train_step, logits_fn, batch_size=b,
-                                      rngs=nnx.Rngs(1), rolling=True,
-                                      batch=small[0])
-  progs["rolling"] = loop(sampled, small, sampler, *objects())
+  progs["plain_B"] = loop(plain_b, big, *objects())
   return progs, CALLS
 
 
@@ -193,10 +195,10 @@ def jit_programs():
     sampler = module.importance_step(train_step, logits_fn, batch_size=b)
     _carried(progs, name, jax.jit(sampler.step, donate_argnums=0),
              sampler.init(state(), jax.random.key(0)), big)
-  sampler = jis.importance_step(train_step, logits_fn, batch_size=b,
-                                rolling=True)
-  _carried(progs, "rolling", jax.jit(sampler.step, donate_argnums=0),
-           sampler.init(state(), jax.random.key(0), small[0]), small)
+  _carried(progs, "plain_B", jax.jit(
+      lambda s, batch: train_step(s, jax.tree.map(lambda x: x[:b], batch),
+                                  jnp.ones((b,))), donate_argnums=0),
+      state(), big)
   return progs, CALLS
 
 
@@ -220,11 +222,9 @@ def scan_programs():
     sampler = module.importance_step(train_step, logits_fn, batch_size=b)
     _carried(progs, name, scanned(sampler.step, 3 * b),
              sampler.init(state(), jax.random.key(0)), keys[:1])
-  sampler = jis.importance_step(train_step, logits_fn, batch_size=b,
-                                rolling=True)
-  example = {"x": xs[:b], "label": ys[:b]}
-  _carried(progs, "rolling", scanned(sampler.step, b),
-           sampler.init(state(), jax.random.key(0), example), keys[:1])
+  _carried(progs, "plain_B", scanned(
+      lambda s, batch: train_step(s, jax.tree.map(lambda x: x[:b], batch),
+                                  jnp.ones((b,))), 3 * b), state(), keys[:1])
   return progs, K
 
 
