@@ -34,6 +34,7 @@ from jis._pruning import infobatch
 from jis._pruning import infobatch_epoch
 from jis._pruning import infobatch_order
 from jis._pruning import kept_first_order
+from jis._schedule import presample_schedule
 from jis._scores import Score
 from jis._selective_backprop import selective_backprop
 from jis._sharding import shard_presample

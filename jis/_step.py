@@ -87,7 +87,9 @@ class ImportanceStep(NamedTuple):
 
   Attributes:
     init: ``(train_state, key) -> ImportanceState``.
-    step: ``(ImportanceState, presample_batch) -> (ImportanceState, metrics)``.
+    step: ``(ImportanceState, presample_batch) -> (ImportanceState, metrics)``;
+      a batch of ``b`` rows instead trains uniformly on them
+      (:func:`jis.presample_schedule`).
   """
   init: Callable[[PyTree, Array], ImportanceState]
   step: Callable[[ImportanceState, PyTree], tuple]
@@ -538,7 +540,8 @@ def _check_batch(plan, batch) -> None:
           f"Every batch leaf must have leading dimension B = round(presample * "
           f"batch_size) = {plan.presample_size}; leaf "
           f"batch{jax.tree_util.keystr(path)} has shape {shape}. Feed "
-          f"presample batches of {plan.presample_size} examples, or change "
+          f"presample batches of {plan.presample_size} examples (or, for a "
+          f"uniform step, all leaves with b = {plan.batch_size}), or change "
           "presample.")
 
 
@@ -581,6 +584,8 @@ def _step(plan, model, state: ImportanceState, batch):
   if not isinstance(state, ImportanceState):
     raise TypeError("step(state, batch) needs the ImportanceState made by "
                     f"sampler.init; got {type(state).__name__}.")
+  if _is_uniform_batch(plan, batch):
+    return _uniform_batch_step(plan, model, state, batch)
   _check_batch(plan, batch)
   if plan.table is not None:   # a missing index is the first error to see
     _stale.check_index(plan.table, plan.table.index(batch),
@@ -594,6 +599,41 @@ def _step(plan, model, state: ImportanceState, batch):
   else:
     new_state, metrics = _budget_step(plan, model, state, batch, active)
   return _put_own(plan, new_state), metrics
+
+
+def _is_uniform_batch(plan, batch) -> bool:
+  """Whether ``batch`` holds the ``b`` rows of a uniform step (``B > b``)."""
+  if plan.presample_size == plan.batch_size:
+    return False
+  if isinstance(batch, _indexed.Indexed):
+    return np.shape(batch.index)[:1] == (plan.batch_size,)
+  leaves = jax.tree.leaves(batch)
+  return bool(leaves) and all(np.shape(x)[:1] == (plan.batch_size,)
+                              for x in leaves)
+
+
+def _uniform_batch_step(plan, model, state: ImportanceState, batch):
+  """A batch of ``b`` rows: a uniform step on them, compiled alone (no
+  ``cond``, no scoring). The condition is not consulted: the loop chose
+  (:func:`jis.presample_schedule`). τ and the condition's state stay."""
+  if plan.table is not None or plan.budget is not None or any(
+      _needs_trained_scores(plan, None)):
+    raise ValueError(
+        f"step got a batch of b = {plan.batch_size} rows, which trains "
+        "uniformly without scores; this sampler keeps scores on every step "
+        "(a score_table, a budget or a policy that observes uniform steps). "
+        f"Feed presamples of B = {plan.presample_size} rows.")
+  plan.placement.check(batch)
+  rows = _indexed.presample_rows(batch)
+  own = _Own(state.condition, state.transforms, state.policy, state.table)
+  choice = _choose_uniform(plan, state, own, plan.batch_size)
+  inner, metrics, _ = _train(plan, model, state, rows, choice.weights,
+                             static=False, active=False,
+                             n_train=plan.batch_size)
+  out = _Outcome(choice, inner, metrics, own, state.pending)
+  new_state = state._replace(inner=inner, step=state.step + 1)
+  return _put_own(plan, new_state), _step_metrics(
+      out, jnp.asarray(False), plan.presample_size, plan.batch_size, None)
 
 
 def _init(plan, train_state: PyTree, key: Array) -> ImportanceState:
@@ -779,7 +819,12 @@ def importance_step(
     also ``is/fresh``, ``is/score_age``, ``is/unscored`` and ``is/bad_index``;
     with a ``budget`` also ``is/presample_size`` and ``is/batch_size``.
     ``step`` also accepts a :class:`jis.Indexed` presample (dataset indices
-    into a dataset on device) in place of the presample batch.
+    into a dataset on device) in place of the presample batch, and a batch
+    of ``b`` rows (arrays or ``Indexed``), on which it trains uniformly,
+    compiled alone (no ``cond``, no scoring pass; τ and the condition's
+    state unchanged): :func:`jis.presample_schedule` tells a loop which
+    steps need the presample (not with a ``score_table``, a ``budget`` or
+    a policy that observes uniform steps).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax

@@ -15,8 +15,10 @@ fourth argument 2; images as uint8, or float32 with a fifth; dropout 0.2, adam 1
   step gathering its rows from the dataset.
 
 In each, ``default`` is ``jis.importance_step`` at its defaults fed
-presamples of ``B`` rows, and ``plain_B`` the plain step fed the same ``B``
-rows, training on the first ``b``: what loading a presample costs alone.
+presamples of ``B`` rows, ``plain_B`` the plain step fed the same ``B``
+rows, training on the first ``b`` (what loading a presample costs alone),
+and, in the host-fed loops, ``scheduled`` the default fed ``b`` rows except
+where :func:`jis.presample_schedule` asks for a presample.
 A module named ``jis_before`` on ``sys.path`` (an older jis, see ``ab.py``)
 adds its default step. Usage (prints a table, writes JSON)::
 
@@ -137,6 +139,16 @@ def nnx_programs():
                                            rngs=nnx.Rngs(1))
     progs[name] = loop(sampled, big, sampler, *objects())
   progs["plain_B"] = loop(plain_b, big, *objects())
+  sampler = jis.nnx.ImportanceSampler(train_step, logits_fn, batch_size=b,
+                                      rngs=nnx.Rngs(1))
+  rows = jis.presample_schedule(sampler)
+  objs = objects()
+
+  def scheduled():
+    for i in range(CALLS):
+      m = sampled(sampler, *objs, big[i] if rows(sampler) > b else small[i])
+    jax.block_until_ready(m)
+  progs["scheduled"] = scheduled
   return progs, CALLS
 
 
@@ -199,6 +211,17 @@ def jit_programs():
       lambda s, batch: train_step(s, jax.tree.map(lambda x: x[:b], batch),
                                   jnp.ones((b,))), donate_argnums=0),
       state(), big)
+  sampler = jis.importance_step(train_step, logits_fn, batch_size=b)
+  rows, step = jis.presample_schedule(sampler), jax.jit(sampler.step,
+                                                        donate_argnums=0)
+  carry = {"state": sampler.init(state(), jax.random.key(0))}
+
+  def scheduled():
+    for i in range(CALLS):
+      batch = big[i] if rows(carry["state"]) > b else small[i]
+      carry["state"], m = step(carry["state"], batch)
+    jax.block_until_ready(m)
+  progs["scheduled"] = scheduled
   return progs, CALLS
 
 
@@ -229,8 +252,8 @@ def scan_programs():
 
 
 def measure(progs, steps):
-  for run in progs.values():
-    run(), run()
+  for run in progs.values():   # past the first probe (step 127): compiled
+    run(), run(), run()
   times = common.time_interleaved(progs, REPS)
   out = {}
   for name, t in times.items():

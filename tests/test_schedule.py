@@ -1,0 +1,167 @@
+"""Batches of b rows and the presample schedule: a loop that feeds b rows
+where no step resamples runs what a loop feeding presamples runs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jis
+
+LR = 0.5
+DIM, CLASSES = 5, 3
+b, BIG_B = 4, 12
+
+
+def _train_step(params, batch, weights):
+  def loss_fn(p):
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        batch["x"] @ p, batch["label"])
+    return jnp.mean(weights * losses)
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  return params - LR * grads, {"loss": loss}
+
+
+def _logits(params, batch):
+  return batch["x"] @ params
+
+
+def _presample(seed):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  return {"x": jax.random.normal(kx, (BIG_B, DIM)),
+          "label": jax.random.randint(ky, (BIG_B,), 0, CLASSES)}
+
+
+def _params():
+  return 0.5 * jax.random.normal(jax.random.key(100), (DIM, CLASSES))
+
+
+def _sampler(**options):
+  return jis.importance_step(_train_step, _logits, batch_size=b,
+                             presample=BIG_B / b, **options)
+
+
+def test_a_batch_of_b_rows_is_the_plain_step_and_leaves_tau_alone():
+  sampler = _sampler(tau_threshold=0.0)
+  state = sampler.init(_params(), jax.random.key(0))
+  state, _ = jax.jit(sampler.step)(state, _presample(0))   # τ measured
+  batch = jax.tree.map(lambda x: x[:b], _presample(1))
+  new, metrics = jax.jit(sampler.step)(state, batch)
+  expected, expected_metrics = _train_step(state.inner, batch, jnp.ones(b))
+  np.testing.assert_allclose(new.inner, expected, rtol=1e-6, atol=1e-7)
+  assert int(new.step) == int(state.step) + 1
+  assert float(new.tau) == float(state.tau) > 0
+  assert int(new.tau_step) == int(state.tau_step)
+  assert float(metrics["is/active"]) == 0.0
+  assert int(metrics["is/rows_used"]) == b
+  np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"])
+  _, full = jax.jit(sampler.step)(state, _presample(1))
+  assert set(metrics) == set(full)   # the same metrics either way
+  # Compiled alone: no cond, no scoring pass.
+  hlo = jax.jit(sampler.step).lower(state, batch).as_text()
+  assert "conditional" not in hlo and "case" not in hlo
+
+
+@pytest.mark.parametrize("condition", [
+    jis.warmup(5),
+    # τ hovers around 1.035-1.045 here: on for stretches, off between.
+    jis.when_variance_reduced(threshold=1.04, probe_every=3,
+                              far_probe_every=7),
+    # τ under halfway to 1.1: a probe every 7th step.
+    jis.when_variance_reduced(threshold=1.1, probe_every=3,
+                              far_probe_every=7),
+], ids=["warmup", "on_and_off", "far_probes"])
+def test_the_schedule_feeds_b_rows_only_where_no_step_resamples(condition):
+  """Reference: the loop that feeds a presample every step. The scheduled
+  loop feeds the presample's first b rows where the schedule says b; the
+  runs must agree step by step."""
+  sampler = _sampler(condition=condition)
+  step = jax.jit(sampler.step)
+  reference = sampler.init(_params(), jax.random.key(0))
+  scheduled = sampler.init(_params(), jax.random.key(0))
+  rows = jis.presample_schedule(sampler, horizon=16)
+  sizes, active = [], []
+  for t in range(40):
+    presample = _presample(t)
+    reference, ref_metrics = step(reference, presample)
+    n = rows(scheduled)
+    sizes.append(n)
+    scheduled, metrics = step(scheduled, jax.tree.map(lambda x: x[:n],
+                                                      presample))
+    assert float(metrics["is/active"]) == float(ref_metrics["is/active"])
+    active.append(float(ref_metrics["is/active"]))
+    if active[-1]:
+      assert n == BIG_B
+  np.testing.assert_allclose(scheduled.inner, reference.inner, rtol=1e-5,
+                             atol=1e-6)
+  assert float(scheduled.tau) == pytest.approx(float(reference.tau))
+  assert sizes.count(b) >= 5 and 0 < sum(active) < 40   # both kinds ran
+
+
+def test_a_schedule_that_reads_late_still_feeds_every_resampling_step(
+    monkeypatch):
+  """The loop runs ahead of the device: a state is finished only a call
+  after the step that made it. The schedule must keep feeding presamples
+  until it has read what a presample-fed step did."""
+  checks, alive = {}, []
+
+  def late(tree):   # finished from its second readiness check on
+    alive.append(tree)   # (so that no other tree takes its id)
+    checks[id(tree)] = checks.get(id(tree), 0) + 1
+    return checks[id(tree)] >= 2
+  monkeypatch.setattr(jis._schedule, "_ready", late)
+  # On for stretches, and probes that switch it on again right after.
+  sampler = _sampler(condition=jis.when_variance_reduced(
+      threshold=1.04, probe_every=3, far_probe_every=7))
+  step = jax.jit(sampler.step)
+  reference = sampler.init(_params(), jax.random.key(0))
+  scheduled = sampler.init(_params(), jax.random.key(0))
+  rows = jis.presample_schedule(sampler)
+  sizes = []
+  for t in range(40):
+    presample = _presample(t)
+    reference, ref_metrics = step(reference, presample)
+    sizes.append(rows(scheduled))
+    scheduled, _ = step(scheduled, jax.tree.map(lambda x: x[:sizes[-1]],
+                                                presample))
+    if float(ref_metrics["is/active"]):
+      assert sizes[-1] == BIG_B, t
+  np.testing.assert_allclose(scheduled.inner, reference.inner, rtol=1e-5,
+                             atol=1e-6)
+  assert sizes.count(b) >= 5
+
+
+def test_the_schedule_reads_an_nnx_sampler():
+  from flax import nnx
+  import jis.nnx
+
+  def train_step(model, batch, weights):
+    del model, batch, weights
+    return {}
+  model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  sampler = jis.nnx.ImportanceSampler(
+      train_step, lambda model, batch: model(batch["x"]), batch_size=b,
+      presample=BIG_B / b, rngs=nnx.Rngs(0), condition=jis.warmup(2))
+  rows = jis.presample_schedule(sampler)
+  sizes = []
+  for _ in range(4):
+    sizes.append(rows(sampler))
+    sampler(model, {"x": jnp.ones((sizes[-1], 2)),
+                    "label": jnp.zeros((sizes[-1],), jnp.int32)})
+  assert sizes == [b, b, BIG_B, BIG_B]
+
+
+def test_what_needs_scores_every_step_is_refused():
+  table = _sampler(score_table=jis.stale_scores(64))
+  with pytest.raises(ValueError, match="every step needs its presample"):
+    jis.presample_schedule(table)
+  state = table.init(_params(), jax.random.key(0))
+  batch = {**jax.tree.map(lambda x: x[:b], _presample(0)),
+           "index": jnp.arange(b)}
+  with pytest.raises(ValueError, match="Feed presamples of B = 12 rows"):
+    table.step(state, batch)
+  with pytest.raises(ValueError, match="horizon"):
+    jis.presample_schedule(_sampler(), horizon=0)
+  with pytest.raises(TypeError, match="what jis.importance_step returned"):
+    jis.presample_schedule(lambda state: state)
