@@ -121,6 +121,27 @@ def test_low_precision_scoring_on_8_devices(resample):
     np.testing.assert_allclose(state.inner, ref.inner, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("resample", ["global", "local"])
+def test_batches_of_b_rows_on_8_devices_train_as_on_one(resample):
+  """The uniform steps of a scheduled loop take the b rows split over the
+  devices; the run matches the 1-device run that feeds presamples."""
+  mesh = _mesh()
+  sampler = _sampler(mesh, resample=resample)
+  ref, ref_hist, _ = _train(_sampler(), steps=3)
+  state = sampler.init(_params(), jax.random.key(0))
+  rows, step = jis.presample_schedule(sampler), jax.jit(sampler.step)
+  sizes = []
+  for i in range(3):
+    sizes.append(rows(state))
+    batch = jax.tree.map(lambda x: x[:sizes[-1]], _presample(seed=10 + i))
+    state, metrics = step(state, jis.shard_presample(batch, mesh))
+  assert sizes == [b, b, B]   # warmup(2): two uniform steps, then IS
+  if resample == "global":
+    np.testing.assert_array_equal(metrics["ids"], ref_hist[-1]["ids"])
+    np.testing.assert_allclose(state.inner, ref.inner, rtol=1e-5, atol=1e-6)
+  assert state.inner.sharding.is_fully_replicated
+
+
 def test_global_mode_with_params_sharded_over_a_model_axis():
   mesh = jax.make_mesh((4, 2), ("data", "model"),
                        axis_types=(AxisType.Auto, AxisType.Auto))
