@@ -62,6 +62,8 @@ class Plan(NamedTuple):
       ahead when its presample is :class:`jis.Indexed`.
     diagnostics: whether the step reports the metrics that cost a sort or a
       log (``is/selected_fraction_unique``, ``is/entropy``).
+    uniform_batches: whether ``step`` also takes batches of ``b`` rows, on
+      which it trains uniformly (:func:`jis.presample_schedule`).
   """
   batch_size: int
   presample_size: int
@@ -81,6 +83,7 @@ class Plan(NamedTuple):
   static_active: Optional[bool]
   may_look_ahead: bool
   diagnostics: bool
+  uniform_batches: bool = False
 
 
 def batch_getter(option: str, what: str, key) -> Callable[[PyTree], Any]:
@@ -230,7 +233,8 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
          example_weights, score,
          tau_threshold, tau_momentum, k, smooth, adaptive_smooth,
          score_transforms, policy, condition, score_table, budget,
-         forward_batch_size, mesh, data_axis, resample, diagnostics) -> Plan:
+         forward_batch_size, mesh, data_axis, resample, diagnostics,
+         uniform_batches=False) -> Plan:
   """Validates every option of ``importance_step`` and resolves its plan."""
   b = _validate.number("batch_size", batch_size, 1, integer=True)
   presample = _validate.number(
@@ -285,6 +289,13 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
         "a score table) on one device (mesh=None, where jis.Indexed "
         "presamples run). Leave lookahead at None (on where it can run) or "
         "pass False.")
+  if uniform_batches not in (True, False):
+    raise TypeError(
+        f"uniform_batches must be True or False; got {uniform_batches!r}.")
+  if uniform_batches and (score_table is not None or budget is not None):
+    raise ValueError(
+        "uniform_batches=True lets steps train on b rows without scores; a "
+        "score_table or a budget needs scores every step. Drop one.")
   return Plan(
       batch_size=b, presample_size=big_b, loss=loss_, score=score_,
       labels=labels_getter(labels), mask=mask_fn,
@@ -298,4 +309,4 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
       static_active=static_active,
       may_look_ahead=(score_table is not None and can_look_ahead
                       and score_table.lookahead is not False),
-      diagnostics=bool(diagnostics))
+      diagnostics=bool(diagnostics), uniform_batches=bool(uniform_batches))

@@ -50,8 +50,9 @@ def presample_schedule(sampler, horizon: int = 1024
   """``rows(state) -> int``: how many rows to load for the next step.
 
   ``B`` for a step that may resample, ``b`` for a step that trains
-  uniformly; ``step`` takes either (a batch of ``b`` rows trains on them
-  uniformly, with no ``cond`` and no scoring pass). A loop that feeds the
+  uniformly; a sampler built with ``uniform_batches=True`` takes either (a
+  batch of ``b`` rows trains on them uniformly, with no ``cond`` and no
+  scoring pass). A loop that feeds the
   ``b`` rows where it can loads and transfers what uniform training does
   while importance sampling is off, and pays the presample only on the
   steps that use it. Call it once per step, before the step, with the state
@@ -65,9 +66,10 @@ def presample_schedule(sampler, horizon: int = 1024
   switched importance sampling on is not followed by uniform batches.
 
   Args:
-    sampler: what :func:`jis.importance_step` returned, or a
-      ``jis.nnx.ImportanceSampler``. Not for a ``score_table``, a ``budget``
-      or a policy that observes uniform steps: those need scores every step.
+    sampler: what :func:`jis.importance_step` returned with
+      ``uniform_batches=True``, or a ``jis.nnx.ImportanceSampler`` built
+      so. Not for a policy that observes uniform steps (it needs scores
+      every step).
     horizon: steps evaluated ahead of each read, ``≥ 1``.
 
   Returns:
@@ -81,7 +83,7 @@ def presample_schedule(sampler, horizon: int = 1024
     >>> sampler = jis.importance_step(
     ...     train_step, lambda w, batch: batch["x"] @ w[:, None],
     ...     batch_size=2, presample=2.0, loss="mean_squared_error",
-    ...     labels=lambda batch: batch["y"])
+    ...     labels=lambda batch: batch["y"], uniform_batches=True)
     >>> rows = jis.presample_schedule(sampler)
     >>> state = sampler.init(jnp.zeros(3), jax.random.key(0))
     >>> sizes = []
@@ -94,12 +96,15 @@ def presample_schedule(sampler, horizon: int = 1024
     (1, 127)
   """
   plan, read_state = _plan_and_state(sampler)
-  if plan.table is not None or plan.budget is not None or (
-      plan.policy.observe is not None):
+  if not plan.uniform_batches:
     raise ValueError(
-        "presample_schedule: this sampler keeps scores on every step (a "
-        "score_table, a budget or a policy that observes uniform steps), so "
-        "every step needs its presample.")
+        "presample_schedule: the steps it does not ask a presample for take "
+        "b rows; build the sampler with importance_step(..., "
+        "uniform_batches=True) (jis.nnx.ImportanceSampler takes it too).")
+  if plan.policy.observe is not None:
+    raise ValueError(
+        "presample_schedule: this sampler's policy observes the scores of "
+        "uniform steps, so every step needs its presample.")
   if not isinstance(horizon, int) or horizon < 1:
     raise ValueError(f"presample_schedule(horizon) must be an int >= 1; got "
                      f"{horizon!r}.")

@@ -88,8 +88,8 @@ class ImportanceStep(NamedTuple):
   Attributes:
     init: ``(train_state, key) -> ImportanceState``.
     step: ``(ImportanceState, presample_batch) -> (ImportanceState, metrics)``;
-      a batch of ``b`` rows instead trains uniformly on them
-      (:func:`jis.presample_schedule`).
+      with ``uniform_batches=True``, a batch of ``b`` rows trains uniformly
+      on them (:func:`jis.presample_schedule`).
   """
   init: Callable[[PyTree, Array], ImportanceState]
   step: Callable[[ImportanceState, PyTree], tuple]
@@ -540,9 +540,13 @@ def _check_batch(plan, batch) -> None:
           f"Every batch leaf must have leading dimension B = round(presample * "
           f"batch_size) = {plan.presample_size}; leaf "
           f"batch{jax.tree_util.keystr(path)} has shape {shape}. Feed "
-          f"presample batches of {plan.presample_size} examples (or, for a "
-          f"uniform step, all leaves with b = {plan.batch_size}), or change "
-          "presample.")
+          f"presample batches of {plan.presample_size} examples, or change "
+          "presample." + (
+              f" (Batches of b = {plan.batch_size} rows, uniform steps that "
+              "skip the presample, need uniform_batches=True: see "
+              "jis.presample_schedule.)"
+              if shape[0] == plan.batch_size and not plan.uniform_batches
+              else ""))
 
 
 def _active(plan, state) -> Array:
@@ -584,7 +588,7 @@ def _step(plan, model, state: ImportanceState, batch):
   if not isinstance(state, ImportanceState):
     raise TypeError("step(state, batch) needs the ImportanceState made by "
                     f"sampler.init; got {type(state).__name__}.")
-  if _is_uniform_batch(plan, batch):
+  if plan.uniform_batches and _is_uniform_batch(plan, batch):
     return _uniform_batch_step(plan, model, state, batch)
   _check_batch(plan, batch)
   if plan.table is not None:   # a missing index is the first error to see
@@ -616,13 +620,12 @@ def _uniform_batch_step(plan, model, state: ImportanceState, batch):
   """A batch of ``b`` rows: a uniform step on them, compiled alone (no
   ``cond``, no scoring). The condition is not consulted: the loop chose
   (:func:`jis.presample_schedule`). τ and the condition's state stay."""
-  if plan.table is not None or plan.budget is not None or any(
-      _needs_trained_scores(plan, None)):
+  if any(_needs_trained_scores(plan, None)):
     raise ValueError(
         f"step got a batch of b = {plan.batch_size} rows, which trains "
-        "uniformly without scores; this sampler keeps scores on every step "
-        "(a score_table, a budget or a policy that observes uniform steps). "
-        f"Feed presamples of B = {plan.presample_size} rows.")
+        "uniformly without scores; this sampler's policy observes the "
+        "scores of uniform steps. Feed presamples of B = "
+        f"{plan.presample_size} rows.")
   plan.placement.check(batch)
   rows = _indexed.presample_rows(batch)
   own = _Own(state.condition, state.transforms, state.policy, state.table)
@@ -686,6 +689,7 @@ def importance_step(
     data_axis: Union[str, Sequence[str]] = "data",
     resample: str = "global",
     diagnostics: bool = False,
+    uniform_batches: bool = False,
     k: Optional[float] = None,
     smooth: float = 0.0,
     adaptive_smooth: bool = False,
@@ -800,6 +804,13 @@ def importance_step(
       example crosses devices).
     diagnostics: also report ``is/selected_fraction_unique`` and
       ``is/entropy``, which cost a sort and a log over the presample.
+    uniform_batches: ``step`` also takes a batch of the ``b`` rows of a
+      uniform step and trains on it uniformly, compiled alone (no ``cond``,
+      no scoring pass; τ and the condition's state unchanged), so that a
+      loop loads the presample only for the steps that may resample:
+      :func:`jis.presample_schedule` says which. Not with a ``score_table``
+      or a ``budget`` (they need scores every step). False: such a batch is
+      an error, as any batch that is not ``B`` rows.
     k: deprecated: ``policy=jis.importance_sampling(k=...)``.
     smooth: deprecated: ``score_transforms=(jis.additive_smoothing(c),)``.
     adaptive_smooth: deprecated: ``score_transforms=(jis.adaptive_smoothing(c),)``.
@@ -819,12 +830,8 @@ def importance_step(
     also ``is/fresh``, ``is/score_age``, ``is/unscored`` and ``is/bad_index``;
     with a ``budget`` also ``is/presample_size`` and ``is/batch_size``.
     ``step`` also accepts a :class:`jis.Indexed` presample (dataset indices
-    into a dataset on device) in place of the presample batch, and a batch
-    of ``b`` rows (arrays or ``Indexed``), on which it trains uniformly,
-    compiled alone (no ``cond``, no scoring pass; τ and the condition's
-    state unchanged): :func:`jis.presample_schedule` tells a loop which
-    steps need the presample (not with a ``score_table``, a ``budget`` or
-    a policy that observes uniform steps).
+    into a dataset on device) in place of the presample batch, and, with
+    ``uniform_batches=True``, a batch of ``b`` rows (arrays or ``Indexed``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -855,7 +862,8 @@ def importance_step(
       adaptive_smooth=adaptive_smooth, score_transforms=score_transforms,
       policy=policy, condition=condition, score_table=score_table,
       budget=budget, forward_batch_size=forward_batch_size, mesh=mesh,
-      data_axis=data_axis, resample=resample, diagnostics=diagnostics)
+      data_axis=data_axis, resample=resample, diagnostics=diagnostics,
+      uniform_batches=uniform_batches)
   model = _Model(train_step, logits_fn)
   return ImportanceStep(functools.partial(_init, plan),
                         functools.partial(_step, plan, model))

@@ -38,6 +38,7 @@ def _params():
 
 
 def _sampler(**options):
+  options.setdefault("uniform_batches", True)
   return jis.importance_step(_train_step, _logits, batch_size=b,
                              presample=BIG_B / b, **options)
 
@@ -142,7 +143,8 @@ def test_the_schedule_reads_an_nnx_sampler():
   model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
   sampler = jis.nnx.ImportanceSampler(
       train_step, lambda model, batch: model(batch["x"]), batch_size=b,
-      presample=BIG_B / b, rngs=nnx.Rngs(0), condition=jis.warmup(2))
+      presample=BIG_B / b, rngs=nnx.Rngs(0), condition=jis.warmup(2),
+      uniform_batches=True)
   rows = jis.presample_schedule(sampler)
   sizes = []
   for _ in range(4):
@@ -152,16 +154,31 @@ def test_the_schedule_reads_an_nnx_sampler():
   assert sizes == [b, b, BIG_B, BIG_B]
 
 
+def test_b_row_batches_and_the_schedule_need_uniform_batches():
+  plain = _sampler(uniform_batches=False)
+  state = plain.init(_params(), jax.random.key(0))
+  batch = jax.tree.map(lambda x: x[:b], _presample(0))
+  with pytest.raises(ValueError, match=r"leading dimension B .* = 12.*"
+                     r"Batches of b = 4 rows.*uniform_batches=True"):
+    plain.step(state, batch)
+  with pytest.raises(ValueError, match="uniform_batches=True"):
+    jis.presample_schedule(plain)
+
+
 def test_what_needs_scores_every_step_is_refused():
-  table = _sampler(score_table=jis.stale_scores(64))
+  for option in (dict(score_table=jis.stale_scores(64)),
+                 dict(budget=jis.constant_variance())):
+    with pytest.raises(ValueError, match="needs scores every step"):
+      _sampler(**option)
+  observing = _sampler(policy=jis.selective_backprop(), condition=jis.always())
   with pytest.raises(ValueError, match="every step needs its presample"):
-    jis.presample_schedule(table)
-  state = table.init(_params(), jax.random.key(0))
-  batch = {**jax.tree.map(lambda x: x[:b], _presample(0)),
-           "index": jnp.arange(b)}
-  with pytest.raises(ValueError, match="Feed presamples of B = 12 rows"):
-    table.step(state, batch)
+    jis.presample_schedule(observing)
+  with pytest.raises(ValueError, match="observes the scores of uniform"):
+    observing.step(observing.init(_params(), jax.random.key(0)),
+                   jax.tree.map(lambda x: x[:b], _presample(0)))
   with pytest.raises(ValueError, match="horizon"):
     jis.presample_schedule(_sampler(), horizon=0)
   with pytest.raises(TypeError, match="what jis.importance_step returned"):
     jis.presample_schedule(lambda state: state)
+  with pytest.raises(TypeError, match="uniform_batches must be True or False"):
+    _sampler(uniform_batches="yes")

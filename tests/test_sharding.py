@@ -126,7 +126,7 @@ def test_batches_of_b_rows_on_8_devices_train_as_on_one(resample):
   """The uniform steps of a scheduled loop take the b rows split over the
   devices; the run matches the 1-device run that feeds presamples."""
   mesh = _mesh()
-  sampler = _sampler(mesh, resample=resample)
+  sampler = _sampler(mesh, resample=resample, uniform_batches=True)
   ref, ref_hist, _ = _train(_sampler(), steps=3)
   state = sampler.init(_params(), jax.random.key(0))
   rows, step = jis.presample_schedule(sampler), jax.jit(sampler.step)

@@ -140,7 +140,7 @@ def nnx_programs():
     progs[name] = loop(sampled, big, sampler, *objects())
   progs["plain_B"] = loop(plain_b, big, *objects())
   sampler = jis.nnx.ImportanceSampler(train_step, logits_fn, batch_size=b,
-                                      rngs=nnx.Rngs(1))
+                                      rngs=nnx.Rngs(1), uniform_batches=True)
   rows = jis.presample_schedule(sampler)
   objs = objects()
 
@@ -211,7 +211,8 @@ def jit_programs():
       lambda s, batch: train_step(s, jax.tree.map(lambda x: x[:b], batch),
                                   jnp.ones((b,))), donate_argnums=0),
       state(), big)
-  sampler = jis.importance_step(train_step, logits_fn, batch_size=b)
+  sampler = jis.importance_step(train_step, logits_fn, batch_size=b,
+                                uniform_batches=True)
   rows, step = jis.presample_schedule(sampler), jax.jit(sampler.step,
                                                         donate_argnums=0)
   carry = {"state": sampler.init(state(), jax.random.key(0))}
