@@ -9,9 +9,10 @@ import optax
 import pytest
 
 import jis
-
-LR = 0.5
-DIM, CLASSES = 5, 3
+from linear_testing import LR
+from linear_testing import logits as _logits
+from linear_testing import params as _params
+from linear_testing import presample as _presample
 
 
 def _train_step(params, batch, weights):
@@ -22,20 +23,6 @@ def _train_step(params, batch, weights):
   loss, grads = jax.value_and_grad(loss_fn)(params)
   return params - LR * grads, {"loss": loss,
                                "trained": jnp.float32(weights.shape[0])}
-
-
-def _logits(params, batch):
-  return batch["x"] @ params
-
-
-def _presample(n, seed=0):
-  kx, ky = jax.random.split(jax.random.key(seed))
-  return {"x": jax.random.normal(kx, (n, DIM)),
-          "label": jax.random.randint(ky, (n,), 0, CLASSES)}
-
-
-def _params(seed=1):
-  return 0.5 * jax.random.normal(jax.random.key(seed), (DIM, CLASSES))
 
 
 TAUS = (0.0, 1.0, 1.2, 1.5, 1.9, 2.0, 2.5, 3.0, 4.0, 7.0, 30.0, 1e4)

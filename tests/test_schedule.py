@@ -4,37 +4,21 @@ where no step resamples runs what a loop feeding presamples runs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import jis
+import linear_testing as linear
 
-LR = 0.5
-DIM, CLASSES = 5, 3
 b, BIG_B = 4, 12
-
-
-def _train_step(params, batch, weights):
-  def loss_fn(p):
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        batch["x"] @ p, batch["label"])
-    return jnp.mean(weights * losses)
-  loss, grads = jax.value_and_grad(loss_fn)(params)
-  return params - LR * grads, {"loss": loss}
-
-
-def _logits(params, batch):
-  return batch["x"] @ params
+_train_step, _logits = linear.train_step, linear.logits
 
 
 def _presample(seed):
-  kx, ky = jax.random.split(jax.random.key(seed))
-  return {"x": jax.random.normal(kx, (BIG_B, DIM)),
-          "label": jax.random.randint(ky, (BIG_B,), 0, CLASSES)}
+  return linear.presample(BIG_B, seed)
 
 
 def _params():
-  return 0.5 * jax.random.normal(jax.random.key(100), (DIM, CLASSES))
+  return linear.params(100)
 
 
 def _sampler(**options):

@@ -10,32 +10,13 @@ from flax.training import train_state
 
 import jis
 
-LR = 0.5
-DIM, CLASSES = 5, 3
-
-
-def _linear_train_step(params, batch, weights):
-  """Plain SGD on a linear softmax classifier; params is a [DIM, CLASSES] array."""
-  def loss_fn(p):
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        batch["x"] @ p, batch["label"])
-    return jnp.mean(weights * losses)
-  loss, grads = jax.value_and_grad(loss_fn)(params)
-  return params - LR * grads, {"loss": loss}
-
-
-def _linear_logits(params, batch):
-  return batch["x"] @ params
-
-
-def _presample(n, seed=0):
-  kx, ky = jax.random.split(jax.random.key(seed))
-  return {"x": jax.random.normal(kx, (n, DIM)),
-          "label": jax.random.randint(ky, (n,), 0, CLASSES)}
-
-
-def _params(seed=1):
-  return 0.5 * jax.random.normal(jax.random.key(seed), (DIM, CLASSES))
+from linear_testing import CLASSES
+from linear_testing import DIM
+from linear_testing import LR
+from linear_testing import logits as _linear_logits
+from linear_testing import params as _params
+from linear_testing import presample as _presample
+from linear_testing import train_step as _linear_train_step
 
 
 def _numpy_upper_bound(params, batch):
