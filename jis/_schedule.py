@@ -2,9 +2,10 @@
 
 A presample is ``B`` rows loaded for a step, and a step only uses them when
 it resamples; while importance sampling is off (τ under its threshold) that
-is one probe every 128 or 512 steps. ``step`` also takes a batch of the
-``b`` rows of a uniform step and then trains on them, compiled alone.
-:func:`presample_schedule` tells the loop which to load.
+is one probe every 128 or 512 steps. Built with ``uniform_batches=True``,
+``step`` also takes a batch of the ``b`` rows of a uniform step and trains
+on them, compiled alone. :func:`presample_schedule` tells the loop which to
+load.
 
 It needs no device round trip on most steps: whether a step resamples is
 ``condition.active(condition_state, step, τ)``, and the condition's state and
@@ -52,12 +53,12 @@ def presample_schedule(sampler, horizon: int = 1024
   ``B`` for a step that may resample, ``b`` for a step that trains
   uniformly; a sampler built with ``uniform_batches=True`` takes either (a
   batch of ``b`` rows trains on them uniformly, with no ``cond`` and no
-  scoring pass). A loop that feeds the
-  ``b`` rows where it can loads and transfers what uniform training does
-  while importance sampling is off, and pays the presample only on the
-  steps that use it. Call it once per step, before the step, with the state
-  the step will take (for a ``jis.nnx.ImportanceSampler``, pass the
-  sampler). A loop that calls ``step`` between two calls must feed it
+  scoring pass). A loop that feeds the ``b`` rows where it can loads and
+  transfers what uniform training does while importance sampling is off,
+  and pays the presample only on the steps that use it. Call it once per
+  step, before the step, with the state the step will take (for a
+  ``jis.nnx.ImportanceSampler``, pass the sampler), and feed the rows it
+  asks for; a loop that calls ``step`` between two calls must feed it
   presamples.
 
   The answer is exact for the steps whose condition state and τ the
