@@ -11,10 +11,12 @@ It needs no device round trip on most steps: whether a step resamples is
 ``condition.active(condition_state, step, τ)``, and the condition's state and
 τ change only on importance steps. After reading them once, the schedule
 evaluates ``active`` for the next ``horizon`` steps in one small program and
-answers from that. It reads the state again after each step it fed a
-presample (when that step has finished: ``jax.Array.is_ready``, so the loop
-does not wait), and until then keeps answering ``B``: a step that might
-have changed τ is followed by presamples until the schedule knows.
+answers from that. After a step it fed a presample, it reads the new state
+when that is finished (``jax.Array.is_ready``: no waiting) while its answer
+is ``B`` anyway; where it would answer ``b``, it waits for that state
+first, since the presample-fed step may have switched importance sampling
+on. That is one wait after each probe and one when importance sampling
+switches off, and never a uniform batch for a step that resamples.
 """
 
 from typing import Any, Callable
@@ -61,10 +63,10 @@ def presample_schedule(sampler, horizon: int = 1024
   asks for; a loop that calls ``step`` between two calls must feed it
   presamples.
 
-  The answer is exact for the steps whose condition state and τ the
-  schedule has read; a presample-fed step is followed by presamples until
-  its result is read (usually one or two steps later), so a step that
-  switched importance sampling on is not followed by uniform batches.
+  Every step that resamples gets its presample. The schedule waits for the
+  device once after each probe (the step after it needs the probe's τ) and
+  once when importance sampling switches off; while it is on, it reads the
+  states as they finish and answers ``B``.
 
   Args:
     sampler: what :func:`jis.importance_step` returned with
@@ -132,14 +134,12 @@ def presample_schedule(sampler, horizon: int = 1024
 
   def read_latest_ready() -> None:
     """Reads the newest finished state of the unread ones (no waiting) and
-    drops it and the older ones; drops the newer too when the read state
-    says none of the steps since it resampled (they changed nothing)."""
+    drops it and the older ones."""
     unread = known["unread"]
     for i in reversed(range(len(unread))):
       if _ready(unread[i]):
         learn(*unread[i])
-        since = known["active"][:known["t"] - known["step"]]
-        known["unread"] = unread[i + 1:] if since.any() else []
+        known["unread"] = unread[i + 1:]
         return
 
   def rows(state_or_sampler) -> int:
@@ -149,15 +149,21 @@ def presample_schedule(sampler, horizon: int = 1024
     if known["active"] is None:   # the first call
       learn(state.condition, state.step, state.tau)
       known["t"] = known["step"]
-    if known["fed"]:   # the previous step had a presample: copies, which
+    elif known["fed"]:   # the previous step had a presample: copies, which
       # outlive the state when the loop donates it to the next step
       known["unread"].append(copy((state.condition, state.step, state.tau)))
     read_latest_ready()
     t = known["t"]
-    if t - known["step"] >= horizon:   # past what was evaluated: wait, read
+    offset = t - known["step"]
+    # Past what was evaluated, or a step predicted uniform while a
+    # presample-fed step is unread (a probe may have switched importance
+    # sampling on): wait for this state and read it. Once a probe, and once
+    # when importance sampling switches off. A step predicted to resample
+    # needs no wait: if it would not, its presample is only unused.
+    if offset >= horizon or (known["unread"] and not known["active"][offset]):
       learn(state.condition, state.step, state.tau)
-      known["unread"] = []
-    want = bool(known["unread"]) or bool(known["active"][t - known["step"]])
+      known["unread"], offset = [], 0
+    want = bool(known["active"][offset])
     known.update(t=t + 1, fed=want)
     return big_b if want else b
 

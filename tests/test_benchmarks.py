@@ -777,3 +777,22 @@ def test_a_run_stopped_by_sigterm_writes_no_result(monkeypatch, tmp_path):
                           preempted=True))
   with pytest.raises(SystemExit, match="stopped by SIGTERM at step 50"):
     convergence.run_one(None, str(tmp_path / "run"))
+
+
+def test_host_loop_runs_each_method_and_reads_every_row_once_a_pass():
+  from experiments.benchmarks import host_loop   # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  train = {"x": rng.random((1024, 784), np.float32),
+           "label": rng.integers(0, 10, 1024).astype(np.int32)}
+  ids = {"x": np.zeros((1024, 1), np.float32), "label": np.arange(1024)}
+  rows = host_loop.Rows(ids, 0)
+  seen = np.concatenate([rows(n)["label"] for n in (128, 384, 128, 384)])
+  np.testing.assert_array_equal(np.sort(seen), np.arange(1024))  # one pass
+  first = rows.order
+  rows(128)                                        # a new pass, reshuffled
+  assert not np.array_equal(rows.order, first)
+  records = {m: host_loop.run(m, train, 0, 0.3) for m in host_loop.METHODS}
+  assert all(r["steps"] > 0 for r in records.values())
+  assert records["uniform"]["presample_steps"] == 0
+  assert records["default"]["presample_steps"] == records["default"]["steps"]
+  assert records["scheduled"]["presample_steps"] < records["scheduled"]["steps"]

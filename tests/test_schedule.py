@@ -87,8 +87,8 @@ def test_the_schedule_feeds_b_rows_only_where_no_step_resamples(condition):
 def test_a_schedule_that_reads_late_still_feeds_every_resampling_step(
     monkeypatch):
   """The loop runs ahead of the device: a state is finished only a call
-  after the step that made it. The schedule must keep feeding presamples
-  until it has read what a presample-fed step did."""
+  after the step that made it. No step that resamples may get b rows: the
+  schedule waits where it would answer b after a presample-fed step."""
   checks, alive = {}, []
 
   def late(tree):   # finished from its second readiness check on
