@@ -234,9 +234,9 @@ def infobatch_order(key: Array, scores: Array, scored: Optional[Array] = None,
   ``1e-4`` of it) are kept with probability ``1 − prune`` and weight
   ``1 / (1 − prune)``, the others (and the never scored) always, with
   weight 1. Each example's expected weight is 1, so the epoch's weighted
-  gradient sum is an unbiased estimate of the full epoch's. The kept examples come first, in a random order; train on
-  ``order[:size]``, ``b`` at a time, with ``weights[order]`` as the loader's
-  weights (``importance_step(..., presample=1.0, condition=jis.never(),
+  gradient sum is an unbiased estimate of the full epoch's. The kept
+  examples come first, in a random order; train on ``order[:size]``, ``b``
+  at a time, with ``weights[order]`` as the loader's weights (``importance_step(..., presample=1.0, condition=jis.never(),
   score_table=jis.stale_scores(N), example_weights="weight")``: no scoring
   pass, the table kept current from ``"is/logits"``). A step then costs
   what a uniform step costs, and the epoch is ``prune`` times the share of
