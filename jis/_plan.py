@@ -229,6 +229,24 @@ def _static_active(condition, score, threshold) -> Optional[bool]:
   return condition.constant
 
 
+def _check_uniform_batches(uniform_batches, score_table, budget,
+                           policy: _policies.Policy) -> None:
+  """``uniform_batches=True`` lets steps train on ``b`` rows without scores:
+  refused where something needs scores on every step."""
+  if uniform_batches not in (True, False):
+    raise TypeError(
+        f"uniform_batches must be True or False; got {uniform_batches!r}.")
+  needs = [what for what, on in (
+      ("a score_table", score_table is not None),
+      ("a budget", budget is not None),
+      ("a policy that observes uniform steps", policy.observe is not None))
+           if on]
+  if uniform_batches and needs:
+    raise ValueError(
+        "uniform_batches=True lets steps train on b rows without scores; "
+        f"{' and '.join(needs)} needs scores every step. Drop one.")
+
+
 def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
          example_weights, score,
          tau_threshold, tau_momentum, k, smooth, adaptive_smooth,
@@ -289,19 +307,14 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
         "a score table) on one device (mesh=None, where jis.Indexed "
         "presamples run). Leave lookahead at None (on where it can run) or "
         "pass False.")
-  if uniform_batches not in (True, False):
-    raise TypeError(
-        f"uniform_batches must be True or False; got {uniform_batches!r}.")
-  if uniform_batches and (score_table is not None or budget is not None):
-    raise ValueError(
-        "uniform_batches=True lets steps train on b rows without scores; a "
-        "score_table or a budget needs scores every step. Drop one.")
+  policy_ = _policy(policy, k, score_table)
+  _check_uniform_batches(uniform_batches, score_table, budget, policy_)
   return Plan(
       batch_size=b, presample_size=big_b, loss=loss_, score=score_,
       labels=labels_getter(labels), mask=mask_fn,
       example_weights=(None if example_weights is None else batch_getter(
           "example_weights", "per-example weights", example_weights)),
-      policy=_policy(policy, k, score_table),
+      policy=policy_,
       condition=condition,
       transforms=_transforms_of(score_transforms, smooth, adaptive_smooth),
       table=score_table, buckets=buckets, budget=budget, placement=placement,

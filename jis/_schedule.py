@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jis import _plan
+
 PyTree = Any
 
 
@@ -33,7 +35,7 @@ def _plan_and_state(sampler) -> tuple:
   ``jis.nnx.ImportanceSampler``, and a function reading the latter's state."""
   pure = getattr(sampler, "pure", sampler)   # the NNX sampler's ImportanceStep
   plan = getattr(getattr(pure, "step", None), "args", (None,))[0]
-  if type(plan).__name__ != "Plan":
+  if not isinstance(plan, _plan.Plan):
     raise TypeError(
         "presample_schedule needs what jis.importance_step returned (or a "
         f"jis.nnx.ImportanceSampler); got {type(sampler).__name__}.")
@@ -71,8 +73,7 @@ def presample_schedule(sampler, horizon: int = 1024
   Args:
     sampler: what :func:`jis.importance_step` returned with
       ``uniform_batches=True``, or a ``jis.nnx.ImportanceSampler`` built
-      so. Not for a policy that observes uniform steps (it needs scores
-      every step).
+      so.
     horizon: steps evaluated ahead of each read, ``≥ 1``.
 
   Returns:
@@ -104,10 +105,6 @@ def presample_schedule(sampler, horizon: int = 1024
         "presample_schedule: the steps it does not ask a presample for take "
         "b rows; build the sampler with importance_step(..., "
         "uniform_batches=True) (jis.nnx.ImportanceSampler takes it too).")
-  if plan.policy.observe is not None:
-    raise ValueError(
-        "presample_schedule: this sampler's policy observes the scores of "
-        "uniform steps, so every step needs its presample.")
   if not isinstance(horizon, int) or horizon < 1:
     raise ValueError(f"presample_schedule(horizon) must be an int >= 1; got "
                      f"{horizon!r}.")

@@ -619,13 +619,8 @@ def _is_uniform_batch(plan, batch) -> bool:
 def _uniform_batch_step(plan, model, state: ImportanceState, batch):
   """A batch of ``b`` rows: a uniform step on them, compiled alone (no
   ``cond``, no scoring). The condition is not consulted: the loop chose
-  (:func:`jis.presample_schedule`). τ and the condition's state stay."""
-  if any(_needs_trained_scores(plan, None)):
-    raise ValueError(
-        f"step got a batch of b = {plan.batch_size} rows, which trains "
-        "uniformly without scores; this sampler's policy observes the "
-        "scores of uniform steps. Feed presamples of B = "
-        f"{plan.presample_size} rows.")
+  (:func:`jis.presample_schedule`). τ and the condition's state stay
+  (``_plan.make`` refused what needs scores on every step)."""
   plan.placement.check(batch)
   rows = _indexed.presample_rows(batch)
   own = _Own(state.condition, state.transforms, state.policy, state.table)
@@ -808,8 +803,9 @@ def importance_step(
       uniform step and trains on it uniformly, compiled alone (no ``cond``,
       no scoring pass; τ and the condition's state unchanged), so that a
       loop loads the presample only for the steps that may resample:
-      :func:`jis.presample_schedule` says which. Not with a ``score_table``
-      or a ``budget`` (they need scores every step). False: such a batch is
+      :func:`jis.presample_schedule` says which. Not with a ``score_table``,
+      a ``budget`` or a policy that observes uniform steps (they need
+      scores every step). False: such a batch is
       an error, as any batch that is not ``B`` rows.
     k: deprecated: ``policy=jis.importance_sampling(k=...)``.
     smooth: deprecated: ``score_transforms=(jis.additive_smoothing(c),)``.

@@ -150,16 +150,14 @@ def test_b_row_batches_and_the_schedule_need_uniform_batches():
 
 
 def test_what_needs_scores_every_step_is_refused():
-  for option in (dict(score_table=jis.stale_scores(64)),
-                 dict(budget=jis.constant_variance())):
-    with pytest.raises(ValueError, match="needs scores every step"):
+  for option, what in ((dict(score_table=jis.stale_scores(64)),
+                        "a score_table"),
+                       (dict(budget=jis.constant_variance()), "a budget"),
+                       (dict(policy=jis.selective_backprop(),
+                             condition=jis.always()),
+                        "a policy that observes uniform steps")):
+    with pytest.raises(ValueError, match=f"{what} needs scores every step"):
       _sampler(**option)
-  observing = _sampler(policy=jis.selective_backprop(), condition=jis.always())
-  with pytest.raises(ValueError, match="every step needs its presample"):
-    jis.presample_schedule(observing)
-  with pytest.raises(ValueError, match="observes the scores of uniform"):
-    observing.step(observing.init(_params(), jax.random.key(0)),
-                   jax.tree.map(lambda x: x[:b], _presample(0)))
   with pytest.raises(ValueError, match="horizon"):
     jis.presample_schedule(_sampler(), horizon=0)
   with pytest.raises(TypeError, match="what jis.importance_step returned"):
