@@ -180,10 +180,11 @@ def main():
             f"accuracy {100 * record['test_accuracy']:.2f}%", flush=True)
       result["runs"].append(record)
   rows = []
-  for method in METHODS:
-    runs = [r for r in result["runs"] if r["method"] == method]
-    ratio = lambda key: [r[key] / u[key] for r, u in zip(runs, [
-        u for u in result["runs"] if u["method"] == "uniform"])]
+  by_method = {m: [r for r in result["runs"] if r["method"] == m]
+               for m in METHODS}
+  for method, runs in by_method.items():
+    ratio = lambda key: [r[key] / u[key] for r, u in zip(
+        runs, by_method["uniform"])]
     loss_x, step_x = ratio("train_loss"), ratio("ms_per_step")
     rows.append({
         "method": method,

@@ -2,8 +2,9 @@
 
 What a user sees when τ never crosses its threshold (docs/performance_notes.md,
 sections 17 and 27): an MLP on Fashion-MNIST (784-H-10, or 784-H-H-10 with a
-fourth argument 2; images as uint8, or float32 with a fifth; dropout 0.2, adam 1e-3, b = 128, B = 384, probes on), a
-``train_step`` without ``"is/logits"``, timed interleaved in one process:
+fourth argument 2; images as uint8, or float32 with a fifth; dropout 0.2,
+adam 1e-3, b = 128, B = 384, probes on), a ``train_step`` without
+``"is/logits"``, timed interleaved in one process:
 
 * ``nnx``: Flax NNX objects and ``nnx.jit``, one call a step, batches from
   host memory: the plain ``train_step`` against ``jis.nnx.ImportanceSampler``
@@ -185,13 +186,15 @@ def _linen():
   return train_step, logits_fn, state
 
 
-def _carried(progs, name, fn, init, feed):
-  """A program that threads its state through ``fn(state, feed(i))``."""
+def _carried(progs, name, fn, init, feed, pick=None):
+  """A program that threads its state through ``fn(state, batch)`` over
+  ``feed``; ``pick(i, state)``, if given, chooses each batch instead."""
   carry = {"state": init}
+  pick = pick or (lambda i, state: feed[i])
 
   def run():
     for i in range(len(feed)):
-      carry["state"], m = fn(carry["state"], feed[i])
+      carry["state"], m = fn(carry["state"], pick(i, carry["state"]))
     jax.block_until_ready(m)
   progs[name] = run
 
@@ -213,16 +216,10 @@ def jit_programs():
       state(), big)
   sampler = jis.importance_step(train_step, logits_fn, batch_size=b,
                                 uniform_batches=True)
-  rows, step = jis.presample_schedule(sampler), jax.jit(sampler.step,
-                                                        donate_argnums=0)
-  carry = {"state": sampler.init(state(), jax.random.key(0))}
-
-  def scheduled():
-    for i in range(CALLS):
-      batch = big[i] if rows(carry["state"]) > b else small[i]
-      carry["state"], m = step(carry["state"], batch)
-    jax.block_until_ready(m)
-  progs["scheduled"] = scheduled
+  rows = jis.presample_schedule(sampler)
+  _carried(progs, "scheduled", jax.jit(sampler.step, donate_argnums=0),
+           sampler.init(state(), jax.random.key(0)), small,
+           pick=lambda i, s: big[i] if rows(s) > b else small[i])
   return progs, CALLS
 
 
@@ -237,18 +234,19 @@ def scan_programs():
     return jax.jit(lambda s, key: jax.lax.scan(body, s, jax.random.split(key, K)),
                    donate_argnums=0)
 
-  keys = [jax.random.key(i) for i in range(1000)]
+  one_dispatch = [jax.random.key(0)]   # K steps per dispatch
   progs = {}
   _carried(progs, "plain", scanned(
       lambda s, batch: train_step(s, batch, jnp.ones((b,))), b), state(),
-      keys[:1])
+      one_dispatch)
   for name, module in _modules().items():
     sampler = module.importance_step(train_step, logits_fn, batch_size=b)
     _carried(progs, name, scanned(sampler.step, 3 * b),
-             sampler.init(state(), jax.random.key(0)), keys[:1])
+             sampler.init(state(), jax.random.key(0)), one_dispatch)
   _carried(progs, "plain_B", scanned(
       lambda s, batch: train_step(s, jax.tree.map(lambda x: x[:b], batch),
-                                  jnp.ones((b,))), 3 * b), state(), keys[:1])
+                                  jnp.ones((b,))), 3 * b),
+      state(), one_dispatch)
   return progs, K
 
 
