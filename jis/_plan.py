@@ -223,7 +223,7 @@ def _tau_momentum(tau_momentum, condition) -> float:
 def _static_active(condition, score, threshold) -> Optional[bool]:
   # Uniform scores have τ = 1, so a τ threshold above 1 never fires: compile
   # the uniform branch alone.
-  if (condition.constant is None and score.name == "uniform"
+  if (condition.constant is None and _scores.is_uniform(score)
       and threshold is not None and threshold > 1.01):
     return False
   return condition.constant

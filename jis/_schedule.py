@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jis import _plan
+from jis import _step
 
 PyTree = Any
 
@@ -34,8 +34,8 @@ def _plan_and_state(sampler) -> tuple:
   """The :class:`jis._plan.Plan` of a :class:`jis.ImportanceStep` or a
   ``jis.nnx.ImportanceSampler``, and a function reading the latter's state."""
   pure = getattr(sampler, "pure", sampler)   # the NNX sampler's ImportanceStep
-  plan = getattr(getattr(pure, "step", None), "args", (None,))[0]
-  if not isinstance(plan, _plan.Plan):
+  plan = _step.plan_of(pure)
+  if plan is None:
     raise TypeError(
         "presample_schedule needs what jis.importance_step returned (or a "
         f"jis.nnx.ImportanceSampler); got {type(sampler).__name__}.")

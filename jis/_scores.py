@@ -74,12 +74,20 @@ def reducible_loss(loss: _losses.Loss, key: str = "irreducible_loss",
   return Score("reducible_loss", fn)
 
 
+def _ones(logits, labels, batch) -> Array:
+  del logits, labels
+  return jnp.ones(jax.tree.leaves(batch)[0].shape[:1], jnp.float32)
+
+
 def uniform_score() -> Score:
   """All ones: no forward pass, τ = 1, plain uniform training."""
-  return Score("uniform",
-               lambda logits, labels, batch: jnp.ones(
-                   jax.tree.leaves(batch)[0].shape[:1], jnp.float32),
-               needs_logits=False, needs_labels=False)
+  return Score("uniform", _ones, needs_logits=False, needs_labels=False)
+
+
+def is_uniform(score: Score) -> bool:
+  """Whether ``score`` is the built-in uniform score (by its function, not
+  its name: a user's score may be called ``"uniform"`` too)."""
+  return score.fn is _ones
 
 
 def gradient_norm() -> Score:
@@ -87,7 +95,16 @@ def gradient_norm() -> Score:
   return Score("gradient_norm", None, per_parameter=True)
 
 
-SCORES = ("upper_bound", "loss", "gradient_norm", "reducible_loss", "uniform")
+#: The built-in scores by name: ``(loss, mask_fn) -> Score``.
+_MAKERS = {
+    "upper_bound": upper_bound,
+    "loss": loss_score,
+    "gradient_norm": lambda loss, mask_fn: gradient_norm(),
+    "reducible_loss": lambda loss, mask_fn: reducible_loss(loss,
+                                                           mask_fn=mask_fn),
+    "uniform": lambda loss, mask_fn: uniform_score(),
+}
+SCORES = tuple(_MAKERS)
 
 
 def resolve_score(score: Union[str, Score, ScoreFn], loss: _losses.Loss,
@@ -97,18 +114,11 @@ def resolve_score(score: Union[str, Score, ScoreFn], loss: _losses.Loss,
   if isinstance(score, Score):
     return score
   if isinstance(score, str):
-    makers = {
-        "upper_bound": lambda: upper_bound(loss, mask_fn),
-        "loss": lambda: loss_score(loss, mask_fn),
-        "gradient_norm": gradient_norm,
-        "reducible_loss": lambda: reducible_loss(loss, mask_fn=mask_fn),
-        "uniform": uniform_score,
-    }
-    if score not in makers:
+    if score not in _MAKERS:
       raise ValueError(
           f"Unknown score={score!r}. Use one of {list(SCORES)} or a callable "
           "score(logits, labels, batch) -> [B].")
-    return makers[score]()
+    return _MAKERS[score](loss, mask_fn)
   if callable(score):
     return Score(getattr(score, "__name__", "custom"), score)
   raise TypeError(

@@ -496,12 +496,22 @@ def _sized_step(plan, model, state, batch, static, active, n_scored,
   ``n_train``; ``static`` names the branch when it is known at trace time.
   With ``lookahead`` it trains on the previous step's draw and keeps its own
   for the next step."""
-  own = _Own(state.condition, state.transforms, state.policy, state.table)
+  own = _own(state)
   if lookahead:
     out = _train_then_draw(plan, model, state, batch, own, n_scored, n_train)
   else:
     out = _draw_then_train(plan, model, state, batch, own, static=static,
                            active=active, n_scored=n_scored, n_train=n_train)
+  return _finish(state, out, active, n_scored, n_train, extra_metrics)
+
+
+def _own(state: ImportanceState) -> _Own:
+  return _Own(state.condition, state.transforms, state.policy, state.table)
+
+
+def _finish(state, out: _Outcome, active, n_scored, n_train,
+            extra_metrics=None):
+  """The new :class:`ImportanceState` and the step's metrics."""
   new_state = state._replace(
       inner=out.inner, step=state.step + 1, tau=out.choice.tau,
       tau_step=out.choice.tau_step, pending=out.pending, **out.own._asdict())
@@ -622,16 +632,18 @@ def _uniform_batch_step(plan, model, state: ImportanceState, batch):
   (:func:`jis.presample_schedule`). τ and the condition's state stay
   (``_plan.make`` refused what needs scores on every step)."""
   plan.placement.check(batch)
+  if isinstance(batch, _indexed.Indexed):
+    _indexed.check_indexed(batch, plan.batch_size)
   rows = _indexed.presample_rows(batch)
-  own = _Own(state.condition, state.transforms, state.policy, state.table)
+  own = _own(state)
   choice = _choose_uniform(plan, state, own, plan.batch_size)
   inner, metrics, _ = _train(plan, model, state, rows, choice.weights,
                              static=False, active=False,
                              n_train=plan.batch_size)
-  out = _Outcome(choice, inner, metrics, own, state.pending)
-  new_state = state._replace(inner=inner, step=state.step + 1)
-  return _put_own(plan, new_state), _step_metrics(
-      out, jnp.asarray(False), plan.presample_size, plan.batch_size, None)
+  new_state, metrics = _finish(
+      state, _Outcome(choice, inner, metrics, own, state.pending),
+      jnp.asarray(False), plan.presample_size, plan.batch_size)
+  return _put_own(plan, new_state), metrics
 
 
 def _init(plan, train_state: PyTree, key: Array) -> ImportanceState:
@@ -863,3 +875,12 @@ def importance_step(
   model = _Model(train_step, logits_fn)
   return ImportanceStep(functools.partial(_init, plan),
                         functools.partial(_step, plan, model))
+
+
+def plan_of(sampler: ImportanceStep) -> Optional[_plan.Plan]:
+  """The :class:`jis._plan.Plan` behind what :func:`importance_step`
+  returned (``step`` is ``partial(_step, plan, model)``), or None."""
+  step = getattr(sampler, "step", None)
+  if isinstance(step, functools.partial) and step.func is _step:
+    return step.args[0]
+  return None

@@ -164,3 +164,18 @@ def test_what_needs_scores_every_step_is_refused():
     jis.presample_schedule(lambda state: state)
   with pytest.raises(TypeError, match="uniform_batches must be True or False"):
     _sampler(uniform_batches="yes")
+
+
+def test_an_indexed_batch_of_b_rows_is_checked_like_a_presample():
+  sampler = _sampler()
+  state = sampler.init(_params(), jax.random.key(0))
+  data = _presample(0)   # 12 rows: the dataset
+  new, _ = sampler.step(state, jis.Indexed(data, jnp.arange(b)))
+  expected, _ = _train_step(state.inner, jax.tree.map(lambda x: x[:b], data),
+                            jnp.ones(b))
+  np.testing.assert_allclose(new.inner, expected, rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match=r"index .*\[0, 12\)"):
+    sampler.step(state, jis.Indexed(data, jnp.arange(b) + 10))
+  with pytest.raises(ValueError, match="same leading dimension"):
+    sampler.step(state, jis.Indexed({"x": data["x"], "label": data["label"][:5]},
+                                    jnp.arange(b)))

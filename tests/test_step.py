@@ -509,6 +509,20 @@ def test_uniform_score_makes_no_forward_pass():
   assert float(metrics["is/variance_reduction"]) == pytest.approx(1.0)
 
 
+def test_only_the_built_in_uniform_score_skips_the_cond():
+  def uniform(logits, labels, batch):   # a user's score, named "uniform"
+    return jnp.arange(1.0, 13.0) ** 4
+
+  def cond_count(score):
+    sampler = jis.importance_step(_linear_train_step, _linear_logits,
+                                  batch_size=4, presample=3.0, score=score)
+    state = sampler.init(_params(), jax.random.key(0))
+    jaxpr = jax.make_jaxpr(sampler.step)(state, _presample(12))
+    return len([e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"])
+  assert cond_count("uniform") == 0
+  assert cond_count(uniform) == 1
+
+
 @pytest.mark.parametrize("constant, traced, kwargs", [
     (dict(tau_threshold=float("inf")), [], dict(tau_threshold=1e30)),
     (dict(condition=jis.never()), [], dict(tau_threshold=1e30)),
