@@ -6,7 +6,12 @@ A condition is three pure functions over a state carried in the jis state:
 * ``active(state, step, tau) -> bool``, read before the step, with the step
   count and jis's moving average τ (``ImportanceState.tau``);
 * ``update(state, scores, step) -> state``, after every *importance* step,
-  with the ``B`` presample scores it computed (transformed and sanitised).
+  with the ``B`` presample scores it computed (transformed and sanitised;
+  fewer than ``B`` in a compute budget's smaller buckets).
+
+``active`` must be a pure ``jax.numpy`` function that changes only where
+``update`` runs or the step moves: :func:`jis.presample_schedule` evaluates
+it on the host for the coming steps at once (``jax.vmap`` over ``step``).
 
 Uniform steps compute no scores (that is what makes them cost what a plain
 step costs), so a condition that depends on the scores must resample now and

@@ -2,22 +2,26 @@
 
 One step, read top to bottom (Katharopoulos & Fleuret 2018, Algorithm 1):
 
-1. ``active``: the switch condition, read from the state (τ, the step);
-2. ``choose``: a ``lax.cond`` that returns only positions and weights — the
-   importance branch scores the presample, transforms and sanitises the
-   scores and lets the policy draw ``b`` positions; the uniform branch takes
-   the first ``b`` with weight 1;
-3. ``gather`` those rows and run the user's ``train_step`` once, outside any
-   conditional (a ``lax.cond`` returning the train state would copy every
-   parameter and optimizer buffer on every step); with a score table's
-   lookahead it trains instead on the rows the previous step drew
-   (``state.pending``), records their scores, and only then draws (step 2)
-   for the next step;
-4. ``record`` the trained examples' scores where something keeps them (a
-   score table, a policy that observes uniform steps): from the step's own
-   ``is/logits``, or a forward pass at the parameters it trained with;
-5. ``τ``: the moving average of the variance reduction of the importance
-   steps' scores, in ``ImportanceState.tau``, its one home.
+1. ``_active``: the switch condition, read from the state (τ, the step);
+2. choose, a ``lax.cond`` (``_draw_then_train``): ``_choose_importance``
+   scores the presample, transforms and sanitises the scores, lets the
+   policy draw ``b`` positions and weights, and updates what an importance
+   step measures (the condition's, transforms' and policy's states, the
+   score table, τ's moving average: ``_moving_tau``);
+   ``_choose_uniform`` takes the first ``b`` with weight 1 and leaves them
+   all as they are. Either returns a ``_Choice``: positions, weights and
+   those small states, never the train state;
+3. ``_train``: gather the chosen rows and run the user's ``train_step`` once,
+   outside any conditional (a ``lax.cond`` returning the train state would
+   copy every parameter and optimizer buffer on every step); with a score
+   table's lookahead (``_train_then_draw``) it trains instead on the rows
+   the previous step drew (``state.pending``), records their scores, and
+   only then draws (step 2) for the next step;
+4. ``_trained_scores`` and ``_record``: the trained examples' scores, where
+   something keeps them (a score table, a policy that observes uniform
+   steps), from the step's own ``is/logits`` or a forward pass at the
+   parameters they were trained with;
+5. ``_finish``: the new :class:`ImportanceState` and the metrics.
 
 A compute budget (:func:`jis.constant_variance`, :func:`jis.constant_time`)
 is a ``lax.switch`` over the same step at other static sizes, the uniform
@@ -130,7 +134,7 @@ class _Choice(NamedTuple):
   tau_step: Array     # the step of its latest measurement
 
 
-class _Keep(NamedTuple):
+class _ScoresKept(NamedTuple):
   """Whether a step keeps its trained examples' scores, per branch."""
   on_importance: bool
   on_uniform: bool
@@ -138,10 +142,9 @@ class _Keep(NamedTuple):
 
 class _Outcome(NamedTuple):
   """A step's training and choice, before jis's state is put together."""
-  choice: _Choice
+  choice: _Choice     # its own: the small states after the step's records
   inner: PyTree       # the user's train state after the update
   metrics: dict       # the user's metrics
-  own: _Own
   pending: PyTree     # the draw the next step trains on (lookahead), or ()
 
 
@@ -333,39 +336,29 @@ def _choose_uniform(plan, state, own, n_train):
                  tau_step=state.tau_step)
 
 
-def _needs_trained_scores(plan, static) -> _Keep:
+def _scores_kept(plan, static) -> _ScoresKept:
   """Whether the trained examples' scores are kept: by the score table, and
   on uniform steps by a policy that observes them (on the branches that can
   run)."""
   table = plan.table is not None
-  return _Keep(
+  return _ScoresKept(
       on_importance=table and static is not False,
       on_uniform=(table or plan.policy.observe is not None)
       and static is not True)
 
 
-def _score_before_update(plan, model, state, rows, static, active):
-  """The trained rows' scores at the parameters they are trained with, by a
-  forward pass, where they are needed (else None). When the train step hands
-  back its logits instead, this pass has no user and jit drops it."""
-  keep = _needs_trained_scores(plan, static)
-  if not any(keep) or model.logits_fn is None:
-    return None
-  score = lambda _: _scores_of(plan, model, state.inner, rows)
-  unused = lambda _: jnp.zeros((jax.tree.leaves(rows)[0].shape[0],), jnp.float32)
-  return _branch(static, active, score if keep.on_importance else unused,
-                 score if keep.on_uniform else unused, None)
-
-
-def _trained_scores(plan, model, static, rows, before, logits):
+def _trained_scores(plan, model, state, rows, logits, static, active):
   """The trained examples' scores where something keeps them (else None):
-  from the step's own logits (free), else the forward pass before it."""
-  if not any(_needs_trained_scores(plan, static)):
+  from the train step's own logits (free), else by a forward pass at the
+  parameters they were trained with (``state.inner``), on the branches that
+  keep them."""
+  kept = _scores_kept(plan, static)
+  if not any(kept):
     return None
   score = plan.score
   if not score.per_parameter and (logits is not None or not score.needs_logits):
     return _scores_of(plan, model, None, rows, logits)
-  if before is None:   # no logits_fn
+  if model.logits_fn is None:
     keeper = ("The score table keeps" if plan.table is not None
               else "The policy observes")
     raise ValueError(   # (a policy alone needs logits_fn: _plan.make)
@@ -373,7 +366,11 @@ def _trained_scores(plan, model, static, rows, before, logits):
         f"score={score.name!r} can only read them from the train step: "
         f"return its logits under metrics[{LOGITS_KEY!r}], or pass "
         "logits_fn.")
-  return before
+  forward = lambda _: _scores_of(plan, model, state.inner, rows)
+  unused = lambda _: jnp.zeros((jax.tree.leaves(rows)[0].shape[0],),
+                               jnp.float32)
+  return _branch(static, active, forward if kept.on_importance else unused,
+                 forward if kept.on_uniform else unused, None)
 
 
 def _moving_tau(plan, state, measured: Array):
@@ -420,17 +417,14 @@ def _record(plan, choice, static, active, batch, rows, trained, step):
   return _branch(static, active, on_importance, on_uniform, choice.own)
 
 
-def _train(plan, model, state, rows, weights, static, active, n_train):
-  """``(train state, metrics, trained scores)``: the user's ``train_step`` on
-  ``rows`` with ``weights`` (and the loader's own weights), and the trained
-  examples' scores where something keeps them (else None)."""
+def _train(plan, model, state, rows, weights, n_train):
+  """``(train state, metrics, logits or None)``: the user's ``train_step`` on
+  ``rows`` with ``weights`` (and the loader's own weights), and the logits it
+  handed back under ``"is/logits"``."""
   if plan.example_weights is not None:   # the loader's own weights
     weights = weights * jnp.asarray(plan.example_weights(rows), jnp.float32)
-  before = _score_before_update(plan, model, state, rows, static, active)
   out = model.train_step(state.inner, rows, weights)
-  inner, metrics, logits = _split_train_step_output(state.inner, out, n_train)
-  return inner, metrics, _trained_scores(plan, model, static, rows, before,
-                                         logits)
+  return _split_train_step_output(state.inner, out, n_train)
 
 
 def _draw_then_train(plan, model, state, batch, own, static, active,
@@ -444,12 +438,12 @@ def _draw_then_train(plan, model, state, batch, own, static, active,
                                      n_scored, n_train),
       lambda own: _choose_uniform(plan, state, own, n_train), own)
   rows = plan.placement.gather(batch, choice.positions)
-  inner, metrics, trained = _train(plan, model, state, rows, choice.weights,
-                                   static=static, active=active,
-                                   n_train=n_train)
+  inner, metrics, logits = _train(plan, model, state, rows, choice.weights,
+                                  n_train)
+  trained = _trained_scores(plan, model, state, rows, logits, static, active)
   own = _record(plan, choice, static=static, active=active, batch=batch,
                 rows=rows, trained=trained, step=state.step)
-  return _Outcome(choice, inner, metrics, own, state.pending)
+  return _Outcome(choice._replace(own=own), inner, metrics, state.pending)
 
 
 def _train_then_draw(plan, model, state, batch, own, n_scored, n_train):
@@ -463,9 +457,10 @@ def _train_then_draw(plan, model, state, batch, own, n_scored, n_train):
   ready = state.pending.ready
   trained_index = jnp.where(ready, state.pending.index, batch.index[:n_train])
   weights = jnp.where(ready, state.pending.weights, 1.0)
-  inner, metrics, trained = _train(
-      plan, model, state, _indexed.dataset_rows(batch, trained_index), weights,
-      static=True, active=True, n_train=n_train)
+  rows = _indexed.dataset_rows(batch, trained_index)
+  inner, metrics, logits = _train(plan, model, state, rows, weights, n_train)
+  trained = _trained_scores(plan, model, state, rows, logits, static=True,
+                            active=True)
   own = own._replace(table=plan.table.write(own.table, trained_index, trained,
                                             state.step))
   choice = _choose_importance(plan, model, state, batch, own, n_scored,
@@ -473,7 +468,7 @@ def _train_then_draw(plan, model, state, batch, own, n_scored, n_train):
   pending = _stale.Pending(
       jnp.take(batch.index, choice.positions).astype(jnp.int32),
       choice.weights, jnp.asarray(True))
-  return _Outcome(choice, inner, metrics, choice.own, pending)
+  return _Outcome(choice, inner, metrics, pending)
 
 
 def _step_metrics(out: _Outcome, active, n_scored, n_train, extra_metrics):
@@ -514,7 +509,8 @@ def _finish(state, out: _Outcome, active, n_scored, n_train,
   """The new :class:`ImportanceState` and the step's metrics."""
   new_state = state._replace(
       inner=out.inner, step=state.step + 1, tau=out.choice.tau,
-      tau_step=out.choice.tau_step, pending=out.pending, **out.own._asdict())
+      tau_step=out.choice.tau_step, pending=out.pending,
+      **out.choice.own._asdict())
   return new_state, _step_metrics(out, active, n_scored, n_train,
                                   extra_metrics)
 
@@ -638,10 +634,9 @@ def _uniform_batch_step(plan, model, state: ImportanceState, batch):
   own = _own(state)
   choice = _choose_uniform(plan, state, own, plan.batch_size)
   inner, metrics, _ = _train(plan, model, state, rows, choice.weights,
-                             static=False, active=False,
-                             n_train=plan.batch_size)
+                             plan.batch_size)
   new_state, metrics = _finish(
-      state, _Outcome(choice, inner, metrics, own, state.pending),
+      state, _Outcome(choice, inner, metrics, state.pending),
       jnp.asarray(False), plan.presample_size, plan.batch_size)
   return _put_own(plan, new_state), metrics
 
