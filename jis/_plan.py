@@ -247,6 +247,55 @@ def _check_uniform_batches(uniform_batches, score_table, budget,
         f"{' and '.join(needs)} needs scores every step. Drop one.")
 
 
+def _score(score, score_table, loss_, mask_fn, logits_fn) -> _scores.Score:
+  """The resolved score (``"loss"`` with a score table, as InfoBatch keeps
+  losses; else ``"upper_bound"``), checked against ``logits_fn``."""
+  if score is None:
+    score = "loss" if score_table is not None else "upper_bound"
+  score_ = _scores.resolve_score(score, loss_, mask_fn)
+  lookups_only = score_table is not None and score_table.fresh is None
+  if logits_fn is None and score_.needs_logits and not lookups_only:
+    raise ValueError(
+        f"score={score_.name!r} needs the model's logits, so logits_fn is "
+        "required: pass logits_fn(state, batch) -> logits (inference mode). "
+        "(Only a score table that never refreshes the presample, "
+        "jis.stale_scores(N), can do without: its scores then come from the "
+        "logits your train_step returns under metrics['is/logits'].)")
+  if logits_fn is not None:
+    _validate.accepts(logits_fn, "logits_fn", ("state", "batch"))
+  elif score_.per_parameter:
+    raise ValueError("score='gradient_norm' differentiates logits_fn: pass it.")
+  return score_
+
+
+def _buckets(budget, score_table, big_b, b, layout):
+  """A compute budget's ``(n_scored, n_train)`` buckets, or None."""
+  if budget is None:
+    return None
+  if score_table is not None:
+    raise ValueError(
+        "budget trades presample forward passes against backward passes; "
+        "with score_table the presample needs no forward pass. Use one.")
+  return _budget.resolve_buckets(budget, big_b, b, layout)
+
+
+def _may_look_ahead(score_table, static_active, placement) -> bool:
+  """Whether a step may train on the previous step's draw (the score
+  table's lookahead): every step must resample, on one device; a step then
+  looks ahead when, besides, its presample is ``jis.Indexed``."""
+  if score_table is None:
+    return False
+  can = static_active is True and placement.layout.mesh is None
+  if score_table.lookahead is True and not can:
+    raise ValueError(
+        "stale_scores(lookahead=True) trains on the previous step's draw, so "
+        "every step must resample (condition=jis.always(), the default with "
+        "a score table) on one device (mesh=None, where jis.Indexed "
+        "presamples run). Leave lookahead at None (on where it can run) or "
+        "pass False.")
+  return can and score_table.lookahead is not False
+
+
 def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
          example_weights, score,
          tau_threshold, tau_momentum, k, smooth, adaptive_smooth,
@@ -269,44 +318,13 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
                        "jis.constant_time())")
   loss_ = _losses.resolve_loss(loss)
   mask_fn = _mask_getter(mask, loss_)
-  if score is None:   # a score table keeps losses, as InfoBatch does
-    score = "loss" if score_table is not None else "upper_bound"
-  score_ = _scores.resolve_score(score, loss_, mask_fn)
-  lookups_only = score_table is not None and score_table.fresh is None
-  if logits_fn is None and score_.needs_logits and not lookups_only:
-    raise ValueError(
-        f"score={score_.name!r} needs the model's logits, so logits_fn is "
-        "required: pass logits_fn(state, batch) -> logits (inference mode). "
-        "(Only a score table that never refreshes the presample, "
-        "jis.stale_scores(N), can do without: its scores then come from the "
-        "logits your train_step returns under metrics['is/logits'].)")
-  if logits_fn is not None:
-    _validate.accepts(logits_fn, "logits_fn", ("state", "batch"))
-  elif score_.per_parameter:
-    raise ValueError("score='gradient_norm' differentiates logits_fn: pass it.")
+  score_ = _score(score, score_table, loss_, mask_fn, logits_fn)
   placement = _placement.make(mesh, data_axis, resample, big_b, b,
                               forward_batch_size)
-  buckets = None
-  if budget is not None:
-    if score_table is not None:
-      raise ValueError(
-          "budget trades presample forward passes against backward passes; "
-          "with score_table the presample needs no forward pass. Use one.")
-    buckets = _budget.resolve_buckets(budget, big_b, b, placement.layout)
+  buckets = _buckets(budget, score_table, big_b, b, placement.layout)
   condition, threshold = _condition(condition, tau_threshold, budget,
                                     score_table, big_b, b)
   static_active = _static_active(condition, score_, threshold)
-  # Lookahead (stale_scores) needs every step to resample, on one device;
-  # a step looks ahead when, besides, its presample is jis.Indexed.
-  can_look_ahead = static_active is True and placement.layout.mesh is None
-  if (score_table is not None and score_table.lookahead is True
-      and not can_look_ahead):
-    raise ValueError(
-        "stale_scores(lookahead=True) trains on the previous step's draw, so "
-        "every step must resample (condition=jis.always(), the default with "
-        "a score table) on one device (mesh=None, where jis.Indexed "
-        "presamples run). Leave lookahead at None (on where it can run) or "
-        "pass False.")
   policy_ = _policy(policy, k, score_table)
   _check_uniform_batches(uniform_batches, score_table, budget, policy_)
   return Plan(
@@ -320,6 +338,5 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
       table=score_table, buckets=buckets, budget=budget, placement=placement,
       tau_momentum=_tau_momentum(tau_momentum, condition),
       static_active=static_active,
-      may_look_ahead=(score_table is not None and can_look_ahead
-                      and score_table.lookahead is not False),
+      may_look_ahead=_may_look_ahead(score_table, static_active, placement),
       diagnostics=bool(diagnostics), uniform_batches=bool(uniform_batches))
