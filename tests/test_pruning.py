@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import jis
+from jis import _epochs
 from jis import _pruning
 
 DIM, CLASSES = 5, 3
@@ -200,11 +201,11 @@ def test_kept_first_order_is_uniform_within_each_part(monkeypatch,
   # over 12,000 draws, fixed seed; the 0.1 % critical value of 11 degrees of
   # freedom is 31.3). 33 forces the fallback that sorts keys with an index.
   if min_free_bits:
-    monkeypatch.setattr(_pruning, "_MIN_FREE_BITS", min_free_bits)
+    monkeypatch.setattr(_epochs, "_MIN_FREE_BITS", min_free_bits)
   keep = jnp.array([True, False, True, True, False])
   draws = 12_000
   orders = jax.device_get(jax.jit(jax.vmap(
-      lambda k: _pruning.kept_first_order(k, keep)))(
+      lambda k: _epochs.kept_first_order(k, keep)))(
           jax.random.split(jax.random.key(5), draws)))
   counts = {}
   for order in map(tuple, orders):
@@ -226,7 +227,7 @@ def test_kept_first_order_with_three_passes_has_no_index_order_left():
   keep = jnp.arange(n) % 3 != 0
   firsts = []
   for seed in range(4):
-    order = np.asarray(jax.jit(_pruning.kept_first_order)(
+    order = np.asarray(jax.jit(_epochs.kept_first_order)(
         jax.random.key(seed), keep))
     size = int(keep.sum())
     np.testing.assert_array_equal(np.sort(order), np.arange(n))
