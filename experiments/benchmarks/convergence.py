@@ -166,7 +166,8 @@ MODELS = {
 # --models=fashion_mnist_mlp measures it alike, into a JSON of its own.
 CHECKS = {"fashion_mnist_mlp": Model("Fashion-MNIST MLP", 10.0, 20),
           "fashion_mnist_mlp_noisy": Model(
-              "Fashion-MNIST MLP, 20 % noisy labels", 10.0, 20)}
+              "Fashion-MNIST MLP, 20 % noisy labels", 10.0, 20),
+          "fashion_mnist_cnn": Model("Fashion-MNIST CNN", 1.0, 5)}
 KNOWN = {**MODELS, **CHECKS}
 # The names of earlier versions of this benchmark (--models=mlp,cnn).
 ALIASES = {"mlp": "mnist_mlp", "cnn": "mnist_cnn"}
