@@ -91,8 +91,9 @@ def check_indexed(batch: Indexed, expected: int) -> None:
   if shape != (expected,) or not jnp.issubdtype(dtype, jnp.integer):
     raise ValueError(
         f"Indexed(data, index): index must be an integer array of shape "
-        f"({expected},), the B = round(presample * batch_size) presampled "
-        f"dataset indices; got {dtype}{list(shape)}.")
+        f"({expected},), the dataset indices of the step's rows (the B = "
+        f"round(presample * batch_size) of a presample, or the b of a uniform "
+        f"step with uniform_batches=True); got {dtype}{list(shape)}.")
   leaves = jax.tree_util.tree_flatten_with_path(batch.data)[0]
   if not leaves:
     raise ValueError("Indexed(data, index): data has no arrays.")

@@ -176,6 +176,8 @@ def test_an_indexed_batch_of_b_rows_is_checked_like_a_presample():
   np.testing.assert_allclose(new.inner, expected, rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match=r"index .*\[0, 12\)"):
     sampler.step(state, jis.Indexed(data, jnp.arange(b) + 10))
+  with pytest.raises(ValueError, match=r"shape \(4,\), the dataset indices"):
+    sampler.step(state, jis.Indexed(data, jnp.arange(b, dtype=jnp.float32)))
   with pytest.raises(ValueError, match="same leading dimension"):
     sampler.step(state, jis.Indexed({"x": data["x"], "label": data["label"][:5]},
                                     jnp.arange(b)))
