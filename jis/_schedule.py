@@ -50,6 +50,28 @@ def _ready(tree) -> bool:
              if isinstance(x, jax.Array))
 
 
+def _check(plan, horizon) -> None:
+  if not plan.uniform_batches:
+    raise ValueError(
+        "presample_schedule: the steps it does not ask a presample for take "
+        "b rows; build the sampler with importance_step(..., "
+        "uniform_batches=True) (jis.nnx.ImportanceSampler takes it too).")
+  if not isinstance(horizon, int) or horizon < 1:
+    raise ValueError(f"presample_schedule(horizon) must be an int >= 1; got "
+                     f"{horizon!r}.")
+
+
+def _active_ahead(condition, horizon: int):
+  """``(condition state, step, τ) -> bool [horizon]``: whether each of the
+  ``horizon`` steps from ``step`` on resamples, if nothing changes the
+  condition's state or τ in between (only importance steps do)."""
+  @jax.jit
+  def ahead(state, step, tau):
+    steps = step + jnp.arange(horizon, dtype=jnp.int32)
+    return jax.vmap(lambda t: condition.active(state, t, tau))(steps)
+  return ahead
+
+
 def presample_schedule(sampler, horizon: int = 1024
                        ) -> Callable[[Any], int]:
   """``rows(state) -> int``: how many rows to load for the next step.
@@ -100,23 +122,11 @@ def presample_schedule(sampler, horizon: int = 1024
     (1, 127)
   """
   plan, read_state = _plan_and_state(sampler)
-  if not plan.uniform_batches:
-    raise ValueError(
-        "presample_schedule: the steps it does not ask a presample for take "
-        "b rows; build the sampler with importance_step(..., "
-        "uniform_batches=True) (jis.nnx.ImportanceSampler takes it too).")
-  if not isinstance(horizon, int) or horizon < 1:
-    raise ValueError(f"presample_schedule(horizon) must be an int >= 1; got "
-                     f"{horizon!r}.")
+  _check(plan, horizon)
   big_b, b = plan.presample_size, plan.batch_size
   cpu = jax.devices("cpu")[0]
-
   copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
-
-  @jax.jit
-  def ahead(condition, step, tau):
-    steps = step + jnp.arange(horizon, dtype=jnp.int32)
-    return jax.vmap(lambda t: plan.condition.active(condition, t, tau))(steps)
+  ahead = _active_ahead(plan.condition, horizon)
 
   # What the schedule knows: the step of the latest state it read and
   # active[i] for step + i; the loop's step count; the states after
