@@ -26,7 +26,8 @@ class Indexed(NamedTuple):
 
   Attributes:
     data: the dataset, a pytree whose leaves all have leading dimension ``N``.
-    index: ``[B]`` integer indices into ``data``; the presample.
+    index: ``[B]`` integer indices into ``data``; the presample (or the
+      ``b`` rows of a uniform step, with ``uniform_batches=True``).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -81,7 +82,9 @@ def presample_rows(batch: PyTree) -> PyTree:
 
 
 def check_indexed(batch: Indexed, expected: int) -> None:
-  """Trace-time checks of an :class:`Indexed` presample of ``expected`` rows.
+  """Trace-time checks of an :class:`Indexed` batch of ``expected`` rows (a
+  presample's ``B``, or the ``b`` of a uniform step with
+  ``uniform_batches=True``).
 
   An index that is known at trace time (not traced) is also checked to lie in
   ``[0, N)``; a traced one can only be checked on device (``is/bad_index``).

@@ -325,6 +325,7 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
   condition, threshold = _condition(condition, tau_threshold, budget,
                                     score_table, big_b, b)
   static_active = _static_active(condition, score_, threshold)
+  may_look_ahead = _may_look_ahead(score_table, static_active, placement)
   policy_ = _policy(policy, k, score_table)
   _check_uniform_batches(uniform_batches, score_table, budget, policy_)
   return Plan(
@@ -338,5 +339,5 @@ def make(train_step, logits_fn, *, batch_size, presample, loss, labels, mask,
       table=score_table, buckets=buckets, budget=budget, placement=placement,
       tau_momentum=_tau_momentum(tau_momentum, condition),
       static_active=static_active,
-      may_look_ahead=_may_look_ahead(score_table, static_active, placement),
+      may_look_ahead=may_look_ahead,
       diagnostics=bool(diagnostics), uniform_batches=bool(uniform_batches))

@@ -31,6 +31,7 @@ class PruneState(NamedTuple):
 # of the presample's scored ones, which is the presample's mean exactly.
 _AT_MEAN = 1e-4
 
+
 def keep_probabilities(scores: Array, prune: float) -> Array:
   """``π_i = 1 − prune`` where ``s_i`` is below the mean of ``scores``, else 1.
 

@@ -11,12 +11,13 @@ One step, read top to bottom (Katharopoulos & Fleuret 2018, Algorithm 1):
    ``_choose_uniform`` takes the first ``b`` with weight 1 and leaves them
    all as they are. Either returns a ``_Choice``: positions, weights and
    those small states, never the train state;
-3. ``_train``: gather the chosen rows and run the user's ``train_step`` once,
-   outside any conditional (a ``lax.cond`` returning the train state would
-   copy every parameter and optimizer buffer on every step); with a score
-   table's lookahead (``_train_then_draw``) it trains instead on the rows
-   the previous step drew (``state.pending``), records their scores, and
-   only then draws (step 2) for the next step;
+3. gather the chosen rows (``placement.gather``) and run the user's
+   ``train_step`` once (``_train``), outside any conditional (a ``lax.cond``
+   returning the train state would copy every parameter and optimizer
+   buffer on every step); with a score table's lookahead
+   (``_train_then_draw``) it trains instead on the rows the previous step
+   drew (``state.pending``), records their scores, and only then draws
+   (step 2) for the next step;
 4. ``_trained_scores`` and ``_record``: the trained examples' scores, where
    something keeps them (a score table, a policy that observes uniform
    steps), from the step's own ``is/logits`` or a forward pass at the

@@ -573,6 +573,10 @@ def test_lookahead_refuses_what_it_cannot_do():
     sampler.step(sampler.init(params, jax.random.key(0)), batch)
   with pytest.raises(ValueError, match=r"every step must resample"):
     _sampler(ahead, tau_threshold=None, condition=jis.warmup(2))
+  # The first error about the table, before what the other options say.
+  with pytest.raises(ValueError, match=r"every step must resample"):
+    _sampler(ahead, tau_threshold=None, condition=jis.warmup(2),
+             uniform_batches=True)
   for bad in ("yes", 1):
     with pytest.raises(TypeError, match=r"lookahead\) must be None"):
       jis.stale_scores(N, lookahead=bad)
