@@ -9,14 +9,14 @@ LR = 0.5
 DIM, CLASSES = 5, 3
 
 
-def train_step(params, batch, weights):
+def train_step(params, batch, weights, lr=LR):
   """Plain SGD on a linear softmax classifier; params is [DIM, CLASSES]."""
   def loss_fn(p):
     losses = optax.softmax_cross_entropy_with_integer_labels(
         batch["x"] @ p, batch["label"])
     return jnp.mean(weights * losses)
   loss, grads = jax.value_and_grad(loss_fn)(params)
-  return params - LR * grads, {"loss": loss}
+  return params - lr * grads, {"loss": loss}
 
 
 def logits(params, batch):

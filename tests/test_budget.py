@@ -5,24 +5,18 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import jis
-from linear_testing import LR
+import linear_testing as linear
 from linear_testing import logits as _logits
 from linear_testing import params as _params
 from linear_testing import presample as _presample
 
 
 def _train_step(params, batch, weights):
-  def loss_fn(p):
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        batch["x"] @ p, batch["label"])
-    return jnp.mean(weights * losses)
-  loss, grads = jax.value_and_grad(loss_fn)(params)
-  return params - LR * grads, {"loss": loss,
-                               "trained": jnp.float32(weights.shape[0])}
+  params, metrics = linear.train_step(params, batch, weights)
+  return params, {**metrics, "trained": jnp.float32(weights.shape[0])}
 
 
 TAUS = (0.0, 1.0, 1.2, 1.5, 1.9, 2.0, 2.5, 3.0, 4.0, 7.0, 30.0, 1e4)

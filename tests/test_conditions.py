@@ -3,22 +3,17 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import jis
+import linear_testing as linear
 
 DIM, CLASSES = 3, 2
 BIG_B, B = 8, 4
 
 
 def _train_step(params, batch, weights):
-  def loss_fn(p):
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        batch["x"] @ p, batch["label"])
-    return jnp.mean(weights * losses)
-  loss, grads = jax.value_and_grad(loss_fn)(params)
-  return params - 0.1 * grads, {"loss": loss}
+  return linear.train_step(params, batch, weights, lr=0.1)
 
 
 def _given_scores(logits, labels, batch):

@@ -11,7 +11,6 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
@@ -19,25 +18,19 @@ from jax.sharding import PartitionSpec as P
 
 import jis
 import jaxpr_testing
+import linear_testing as linear
 
-LR = 0.5
 DIM, CLASSES, PAD = 6, 4, 11   # PAD: a batch leaf only a metric reads (traffic probe)
 B, b = 32, 16
 
 
 def _train_step(params, batch, weights):
   """SGD on a linear softmax classifier; reports which examples it trained on."""
-  def loss_fn(p):
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        batch["x"] @ p, batch["label"])
-    return jnp.mean(weights * losses)
-  loss, grads = jax.value_and_grad(loss_fn)(params)
-  return params - LR * grads, {"loss": loss, "ids": batch["id"],
-                               "pad": jnp.sum(batch["pad"])}
+  params, metrics = linear.train_step(params, batch, weights)
+  return params, {**metrics, "ids": batch["id"], "pad": jnp.sum(batch["pad"])}
 
 
-def _logits(params, batch):
-  return batch["x"] @ params
+_logits = linear.logits
 
 
 def _presample(n=B, seed=0):
