@@ -552,7 +552,7 @@ def _check_batch(plan, batch) -> None:
               f" (Batches of b = {plan.batch_size} rows, uniform steps that "
               "skip the presample, need uniform_batches=True: see "
               "jis.presample_schedule.)"
-              if shape[0] == plan.batch_size and not plan.uniform_batches
+              if shape[:1] == (plan.batch_size,) and not plan.uniform_batches
               else ""))
 
 

@@ -126,6 +126,8 @@ def test_public_factories_refuse_bad_arguments(make, error, match):
 STEP_ERRORS = [
     (dict(), _batch(n=10), ValueError,
      r"leading dimension B = .* = 12; leaf batch\['label'\] has shape \(10,\)"),
+    (dict(), {**_batch(), "t": jnp.float32(1.0)}, ValueError,
+     r"leading dimension B = .* = 12; leaf batch\['t'\] has shape \(\)"),
     (dict(), {"x": jnp.ones((12, 5))}, ValueError,
      r"labels='label' but the batch has no such entry \(it has \['x'\]\)"),
     (dict(), _batch(label=jnp.zeros((12,))), ValueError,
