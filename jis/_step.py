@@ -533,16 +533,19 @@ def _budget_step(plan, model, state, batch, active):
                         state, batch)
 
 
-def _check_batch(plan, batch) -> None:
+def _check_batch(plan, batch, rows: Optional[int] = None) -> None:
+  """Trace-time checks of a batch of ``rows`` examples: ``B`` by default,
+  the ``b`` of a uniform step with ``uniform_batches=True``."""
+  rows = rows or plan.presample_size
   plan.placement.check(batch)
   if isinstance(batch, _indexed.Indexed):
-    return _indexed.check_indexed(batch, plan.presample_size)
+    return _indexed.check_indexed(batch, rows)
   leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
   if not leaves:
     raise ValueError("step(state, batch) got a batch with no arrays.")
   for path, leaf in leaves:
     shape = np.shape(leaf)
-    if len(shape) == 0 or shape[0] != plan.presample_size:
+    if len(shape) == 0 or shape[0] != rows:
       raise ValueError(
           f"Every batch leaf must have leading dimension B = round(presample * "
           f"batch_size) = {plan.presample_size}; leaf "
@@ -628,9 +631,7 @@ def _uniform_batch_step(plan, model, state: ImportanceState, batch):
   ``cond``, no scoring). The condition is not consulted: the loop chose
   (:func:`jis.presample_schedule`). τ and the condition's state stay
   (``_plan.make`` refused what needs scores on every step)."""
-  plan.placement.check(batch)
-  if isinstance(batch, _indexed.Indexed):
-    _indexed.check_indexed(batch, plan.batch_size)
+  _check_batch(plan, batch, plan.batch_size)
   rows = _indexed.presample_rows(batch)
   own = _own(state)
   choice = _choose_uniform(plan, state, own, plan.batch_size)
