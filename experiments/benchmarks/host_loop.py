@@ -24,7 +24,6 @@ ranges over seeds) and writes JSON.
 """
 
 import argparse
-import gzip
 import os
 import statistics
 import time
@@ -37,24 +36,20 @@ import numpy as np
 import optax
 
 import jis
+from experiments import input_pipeline
 from experiments.benchmarks import common
 
 b, BIG_B = 128, 384
 METHODS = ("uniform", "default", "scheduled")
 
 
-def _read(path, offset):
-  with gzip.open(path) as f:
-    return np.frombuffer(f.read(), np.uint8, offset=offset)
-
-
 def load(data_dir):
   root = os.path.join(data_dir, "fashion_mnist")
+  read = lambda name: input_pipeline.read_idx(os.path.join(root, name))
   split = lambda prefix: {
-      "x": _read(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), 16
-                 ).reshape(-1, 784).astype(np.float32) / 255,
-      "label": _read(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), 8
-                     ).astype(np.int32)}
+      "x": read(f"{prefix}-images-idx3-ubyte.gz").reshape(-1, 784).astype(
+          np.float32) / 255,
+      "label": read(f"{prefix}-labels-idx1-ubyte.gz").astype(np.int32)}
   return split("train"), split("t10k")
 
 

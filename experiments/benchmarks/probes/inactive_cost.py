@@ -25,7 +25,6 @@ adds its default step. Usage (prints a table, writes JSON)::
 
   python experiments/benchmarks/probes/inactive_cost.py 15 64 /tmp/inactive.json [LAYERS [DTYPE]]
 """
-import gzip
 import json
 import statistics
 import sys
@@ -40,6 +39,7 @@ from flax.training import train_state
 
 import jis
 import jis.nnx
+from experiments import input_pipeline
 from experiments.benchmarks import common
 
 try:
@@ -58,13 +58,10 @@ DATA = "../shared/data/fashion_mnist/"
 b, K, CALLS = 128, 256, 60
 
 
-def _read(name, offset):
-  with gzip.open(DATA + name) as f:
-    return np.frombuffer(f.read(), np.uint8, offset=offset)
-
-
-X = _read("train-images-idx3-ubyte.gz", 16).reshape(-1, 784).astype(DTYPE)
-Y = _read("train-labels-idx1-ubyte.gz", 8).astype(np.int32)
+X = input_pipeline.read_idx(DATA + "train-images-idx3-ubyte.gz").reshape(
+    -1, 784).astype(DTYPE)
+Y = input_pipeline.read_idx(DATA + "train-labels-idx1-ubyte.gz").astype(
+    np.int32)
 N = len(Y)
 
 
