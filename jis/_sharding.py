@@ -83,6 +83,15 @@ def resolve_layout(mesh: Optional[Mesh], data_axis: AxisName, resample: str,
           "('data',)) (and data_axis= if your axis has another name).")
     return Layout(None, data_axis, 1, resample, f, big_b)
 
+  axes, d = _data_axes(mesh, data_axis)
+  _check_divisible(d, data_axis, big_b, b, f)
+  return Layout(mesh, data_axis if isinstance(data_axis, str) else axes, d,
+                resample, f, big_b)
+
+
+def _data_axes(mesh: Mesh, data_axis: AxisName):
+  """``(axes, d)``: ``data_axis`` as a tuple of the mesh's axis names, and
+  the number of devices along them."""
   if not isinstance(mesh, Mesh):
     raise TypeError("mesh must be a jax.sharding.Mesh such as "
                     f"jax.make_mesh((8,), ('data',)); got {type(mesh).__name__}.")
@@ -98,7 +107,13 @@ def resolve_layout(mesh: Optional[Mesh], data_axis: AxisName, resample: str,
         f"data_axis={data_axis!r} is not an axis of the mesh, whose axes are "
         f"{list(mesh.axis_names)}. Pass data_axis=<the axis the presample is "
         "split over>.")
-  d = int(np.prod([mesh.shape[a] for a in axes]))
+  return axes, int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _check_divisible(d: int, data_axis: AxisName, big_b: int, b: int,
+                     f: Optional[int]) -> None:
+  """Every device must get an equal share of the presample, of the batch and
+  of each scoring pass."""
   if big_b % d:
     raise ValueError(
         f"The presample size B={big_b} is not divisible by the {d} devices on "
@@ -115,8 +130,6 @@ def resolve_layout(mesh: Optional[Mesh], data_axis: AxisName, resample: str,
         f"forward_batch_size={f} is not divisible by the {d} devices on mesh "
         f"axis {data_axis!r}: each scoring pass gives every device "
         f"forward_batch_size / {d} examples. Use a multiple of {d}.")
-  return Layout(mesh, data_axis if isinstance(data_axis, str) else axes, d,
-                resample, f, big_b)
 
 
 # ------------------------------------------------------------------ placement

@@ -197,6 +197,26 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
     >>> scores, scored   # example 0 is unscored: the mean of the others
     (Array([3., 2., 4.], dtype=float32), Array([False,  True,  True], dtype=bool))
   """
+  n = _check_options(num_examples, refresh_every, refresh_steps, max_age,
+                     index_key, lookahead)
+
+  def init():
+    return TableState(jnp.ones((n,), jnp.float32), jnp.full((n,), -1, jnp.int32))
+
+  def lookup(table, indices, step):
+    return _lookup(table, indices, step, max_age)
+
+  fresh = None
+  if refresh_every:
+    fresh = lambda step: (jnp.asarray(step) % refresh_every) < refresh_steps
+
+  return ScoreTable(init, _index_getter(index_key), fresh, lookup, _write, n,
+                    lookahead)
+
+
+def _check_options(num_examples, refresh_every, refresh_steps, max_age,
+                   index_key, lookahead) -> int:
+  """Refuses bad :func:`stale_scores` options; returns ``N``."""
   check = lambda name, value, low: _validate.number(
       f"stale_scores({name})", value, low, integer=True)
   n = check("num_examples", num_examples, 1)
@@ -215,43 +235,36 @@ def stale_scores(num_examples: int, *, refresh_every: int = 0,
   if not (lookahead is None or isinstance(lookahead, bool)):
     raise TypeError("stale_scores(lookahead) must be None (where it can), "
                     f"True or False; got {lookahead!r}.")
-  def init():
-    return TableState(jnp.ones((n,), jnp.float32), jnp.full((n,), -1, jnp.int32))
+  return n
 
-  def valid(scored_at, step):
-    ok = scored_at >= 0
-    if max_age is not None:
-      ok &= (jnp.asarray(step, jnp.int32) - scored_at) <= max_age
-    return ok
 
-  def lookup(table, indices, step):
-    # Out of range: a NaN score counted as scored, so the step falls back.
-    scores = jnp.take(table.scores, indices, mode="fill", fill_value=jnp.nan)
-    at = jnp.take(table.scored_at, indices, mode="fill", fill_value=_NEVER_OLD)
-    scored = valid(at, step)
-    count = jnp.sum(scored)
-    fill = jnp.where(count > 0,
-                     jnp.sum(jnp.where(scored, scores, 0.0))
-                     / jnp.maximum(count, 1).astype(jnp.float32), 1.0)
-    return jnp.where(scored, scores, fill), scored
+def _lookup(table: TableState, indices: Array, step, max_age: Optional[int]):
+  """:attr:`ScoreTable.lookup`: the unscored (never, or more than
+  ``max_age`` steps ago) filled with the mean of the scored, 1.0 if none."""
+  # Out of range: a NaN score counted as scored, so the step falls back.
+  scores = jnp.take(table.scores, indices, mode="fill", fill_value=jnp.nan)
+  at = jnp.take(table.scored_at, indices, mode="fill", fill_value=_NEVER_OLD)
+  scored = at >= 0
+  if max_age is not None:
+    scored &= (jnp.asarray(step, jnp.int32) - at) <= max_age
+  count = jnp.sum(scored)
+  fill = jnp.where(count > 0,
+                   jnp.sum(jnp.where(scored, scores, 0.0))
+                   / jnp.maximum(count, 1).astype(jnp.float32), 1.0)
+  return jnp.where(scored, scores, fill), scored
 
-  def write(table, indices, scores, step):
-    # Of duplicated indices (sampling with replacement) the largest score
-    # stays, whatever the scatter order: the entries are cleared, then each
-    # takes the max of its new scores. No sort (on XLA:CPU a sort costs
-    # more than both scatters together).
-    cleared = table.scores.at[indices].set(-jnp.inf, mode="drop")
-    step = jnp.broadcast_to(jnp.asarray(step, jnp.int32), indices.shape)
-    return TableState(
-        cleared.at[indices].max(jnp.asarray(scores, jnp.float32), mode="drop"),
-        table.scored_at.at[indices].set(step, mode="drop"))
 
-  fresh = None
-  if refresh_every:
-    fresh = lambda step: (jnp.asarray(step) % refresh_every) < refresh_steps
-
-  return ScoreTable(init, _index_getter(index_key), fresh, lookup, write, n,
-                    lookahead)
+def _write(table: TableState, indices: Array, scores: Array, step
+           ) -> TableState:
+  """:attr:`ScoreTable.write`. Of duplicated indices (sampling with
+  replacement) the largest score stays, whatever the scatter order: the
+  entries are cleared, then each takes the max of its new scores. No sort
+  (on XLA:CPU a sort costs more than both scatters together)."""
+  cleared = table.scores.at[indices].set(-jnp.inf, mode="drop")
+  step = jnp.broadcast_to(jnp.asarray(step, jnp.int32), indices.shape)
+  return TableState(
+      cleared.at[indices].max(jnp.asarray(scores, jnp.float32), mode="drop"),
+      table.scored_at.at[indices].set(step, mode="drop"))
 
 
 def check_index(table: ScoreTable, index: Array, expected: int) -> None:
