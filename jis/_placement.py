@@ -138,6 +138,10 @@ def _global(layout) -> Placement:
 
 
 def _local(layout) -> Placement:
+  """``resample="local"``: each of the ``d`` devices draws ``b/d`` of its own
+  ``B/d`` presampled rows (inside ``shard_map``), with its own policy state,
+  so no row crosses devices; positions are global (device ``i``'s block
+  starts at ``i·B/d``)."""
   axis, d = layout.axis, layout.devices
   per_device = lambda fn, in_specs, out_specs: _sharding.shard_map(
       layout, fn, in_specs, out_specs)

@@ -15,11 +15,12 @@ Launch (offline data in ../shared/data; online, drop the data_dir flag):
       --config.sampler.score=uniform
 
 Expected: about 98.2-98.4% test accuracy after 10 epochs. Importance sampling
-switches on for about 70% of the steps, as with adam; at equal time (7.7 s,
-uniform's 10 epochs, seeds 50-52 run twice each, 2-core AMD EPYC,
-2026-12-05) the default ended at 0.73x uniform's training loss per pair
-(0.62-0.77x) and +0.14 points of test accuracy, and reached uniform's final
-accuracy in 0.53 of the time (docs/performance_notes.md, section 29).
+switches on for about 73% of the steps, as with adam; at equal time
+(uniform's 10 epochs, 7.7-8.4 s; seeds 50-55 run twice each, 2-core AMD
+EPYC, 2026-12-05) the default ended at 0.63x uniform's training loss per
+pair (0.47-0.77x, 12 of 12 lower) and +0.17 points of test accuracy, and
+reached uniform's final accuracy in 0.53-0.62 of the time
+(docs/performance_notes.md, section 29).
 """
 
 from experiments.configs import mnist_mlp

@@ -19,7 +19,8 @@ In each, ``default`` is ``jis.importance_step`` at its defaults fed
 presamples of ``B`` rows, ``plain_B`` the plain step fed the same ``B``
 rows, training on the first ``b`` (what loading a presample costs alone),
 and, in the host-fed loops, ``scheduled`` the default fed ``b`` rows except
-where :func:`jis.presample_schedule` asks for a presample.
+where :func:`jis.presample_schedule` asks for a presample; in the scan loop,
+``indexed`` the default given ``jis.Indexed(dataset, indices)``.
 A module named ``jis_before`` on ``sys.path`` (an older jis, see ``ab.py``)
 adds its default step. Usage (prints a table, writes JSON)::
 
@@ -224,9 +225,11 @@ def scan_programs():
   train_step, logits_fn, state = _linen()
   xs, ys = jnp.asarray(X), jnp.asarray(Y)
 
-  def scanned(step, n):
+  def scanned(step, n, indexed=False):
     def body(s, key):
       i = jax.random.randint(key, (n,), 0, N)
+      if indexed:
+        return step(s, jis.Indexed({"x": xs, "label": ys}, i))
       return step(s, {"x": xs[i], "label": ys[i]})
     return jax.jit(lambda s, key: jax.lax.scan(body, s, jax.random.split(key, K)),
                    donate_argnums=0)
@@ -240,6 +243,9 @@ def scan_programs():
     sampler = module.importance_step(train_step, logits_fn, batch_size=b)
     _carried(progs, name, scanned(sampler.step, 3 * b),
              sampler.init(state(), jax.random.key(0)), one_dispatch)
+  sampler = jis.importance_step(train_step, logits_fn, batch_size=b)
+  _carried(progs, "indexed", scanned(sampler.step, 3 * b, indexed=True),
+           sampler.init(state(), jax.random.key(0)), one_dispatch)
   _carried(progs, "plain_B", scanned(
       lambda s, batch: train_step(s, jax.tree.map(lambda x: x[:b], batch),
                                   jnp.ones((b,))), 3 * b),
