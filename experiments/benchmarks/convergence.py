@@ -168,7 +168,8 @@ CHECKS = {"fashion_mnist_mlp": Model("Fashion-MNIST MLP", 10.0, 20),
           "fashion_mnist_mlp_noisy": Model(
               "Fashion-MNIST MLP, 20 % noisy labels", 10.0, 20),
           "fashion_mnist_cnn": Model("Fashion-MNIST CNN", 1.0, 5),
-          "mnist_mlp_sgd": Model("MNIST MLP, SGD", 10.0, 20)}
+          "mnist_mlp_sgd": Model("MNIST MLP, SGD", 10.0, 20),
+          "fashion_mnist_mlp_sgd": Model("Fashion-MNIST MLP, SGD", 10.0, 20)}
 KNOWN = {**MODELS, **CHECKS}
 # The names of earlier versions of this benchmark (--models=mlp,cnn).
 ALIASES = {"mlp": "mnist_mlp", "cnn": "mnist_cnn"}
